@@ -1,0 +1,21 @@
+"""flashmemory-triton: fused Triton kernels for the FlashMemory DeepSeek-V4 chunk retriever.
+
+Importing this package never touches CUDA; kernels compile on first use.
+"""
+
+from . import constants
+from .reference import (apply_rope, dequant_compressed_k, hadamard_transform,
+                        precompute_freqs_cis)
+from .retriever import FlashMemoryRetriever, topk_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlashMemoryRetriever",
+    "apply_rope",
+    "constants",
+    "dequant_compressed_k",
+    "hadamard_transform",
+    "precompute_freqs_cis",
+    "topk_mask",
+]
