@@ -1,0 +1,201 @@
+"""Functional entry points for custom decode loops and serving engines.
+
+Two steps, usable separately so an engine can keep its own projections:
+
+* :func:`prepare_queries`: projected q ``[L, B, H, D]`` (SPEC 3 step 4, before rounding) and
+  head weights ``[L, B, H]`` -> :class:`PreparedQueries` (bf16 rounding, RoPE, Hadamard and,
+  in fp8 mode, per-head e4m3 quantization with the scale folded into the weights);
+* :func:`score_prepared`: prepared queries + compressed keys -> ensemble scores ``[B, N]``
+  and optionally per-layer logits ``[L, B, N]``.
+
+:func:`score_chunks` does both. ``backend="auto"`` uses the Triton kernels on CUDA tensors (or
+under ``TRITON_INTERPRET=1``) and the pure-torch reference otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import constants as C
+from . import reference as ref
+from . import _validate as V
+from .utils import _device
+
+ENSEMBLES = ("max", "mean")
+
+
+def _precisions():
+    from .kernels import DEFAULT_PRECISION, PRECISIONS
+    return PRECISIONS, DEFAULT_PRECISION
+
+
+class PreparedQueries(NamedTuple):
+    """Scoring-ready queries. ``q [L, B, H, D]`` (bf16 for bf16/fp8 modes, fp32 otherwise),
+    ``w [L, B, H]`` fp32 (fp8 scales folded in), the precision they were prepared for, and
+    the backend that will score them."""
+    q: torch.Tensor
+    w: torch.Tensor
+    precision: str
+    backend: str
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    V.choice("backend", backend, ("auto", "torch", "triton"))
+    if backend == "torch":
+        return "torch"
+    runs = _device.triton_runs_on(device)
+    if backend == "triton" and not runs:
+        raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 with triton "
+                         f"installed; tensors are on {device} "
+                         f"(triton installed: {_device.triton_available()})")
+    return "triton" if runs else "torch"
+
+
+def _resolve_precision(precision: str | None) -> str:
+    precisions, default = _precisions()
+    precision = default if precision is None else precision
+    V.choice("precision", precision, precisions)
+    return precision
+
+
+def prepare_queries(q_proj: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, *,
+                    max_position: int = C.MAX_POSITION_RELEASE, precision: str | None = None,
+                    backend: str = "auto", rope_freqs: torch.Tensor | None = None) -> PreparedQueries:
+    """Round, rotate and Hadamard-transform projected queries (SPEC 3 steps 5-6).
+
+    ``q_proj`` float ``[L, B, H, D]`` (or ``[B, H, D]`` for one layer), ``w`` float
+    ``[L, B, H]`` (or ``[B, H]``) already multiplied by the weight scale, ``positions`` int
+    ``[B]`` absolute token positions (clamped to the RoPE table).
+    """
+    V.tensor("q_proj", q_proj, floating=True, ndims=(3, 4))
+    if q_proj.dim() == 3:
+        q_proj = q_proj.unsqueeze(0)
+    V.tensor("w", w, floating=True, ndims=(2, 3))
+    if w.dim() == 2:
+        w = w.unsqueeze(0)
+    L, B, H, D = q_proj.shape
+    if D != C.HEAD_DIM:
+        raise ValueError(f"q_proj last dim must be head_dim {C.HEAD_DIM}, got {V.describe(q_proj)}")
+    if tuple(w.shape) != (L, B, H):
+        raise ValueError(f"w must be [L={L}, B={B}, H={H}] to match q_proj, got {V.describe(w)}")
+    V.positions("positions", positions, B)
+    V.same_device(q_proj.device, w=w, positions=positions)
+    precision = _resolve_precision(precision)
+    backend = resolve_backend(backend, q_proj.device)
+    rows = ref.freqs_cis_at(positions, max_position, rope_freqs)
+    if backend == "torch":
+        q = torch.stack([ref.prepare_query(q_proj[l], rows) for l in range(L)])
+        w = w.float()
+        if precision == "fp8":
+            q, w = quantize_fp8_per_head(q, w)
+        return PreparedQueries(q, w, precision, backend)
+    from .kernels.query_prep import prepare_query_launch
+    q, w = prepare_query_launch(q_proj, w, rows.real.float(), rows.imag.float(), precision)
+    return PreparedQueries(q, w, precision, backend)
+
+
+def quantize_fp8_per_head(q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Serving-stack fp8 q (SPEC 5): per-head scale ``max(amax, 1e-4) / 448``, q rounded to
+    e4m3 (returned as float32 holding e4m3 values), scale folded into ``w``."""
+    amax = q.abs().amax(dim=-1)
+    scale = amax.clamp_min(C.FP8_QUANT_MIN_AMAX) / C.FP8_E4M3_MAX
+    q8 = (q / scale[..., None]).to(torch.float8_e4m3fn).to(torch.float32)
+    return q8, w * scale
+
+
+def _check_keys(compressed_k: torch.Tensor, L: int, B: int, device: torch.device) -> None:
+    V.compressed_keys("compressed_k", compressed_k)
+    if compressed_k.dim() == 4 and compressed_k.shape[0] != L:
+        raise ValueError(f"per-layer compressed_k must be [L={L}, B, N, 132], "
+                         f"got {V.describe(compressed_k)}")
+    if compressed_k.shape[-3] != B:
+        raise ValueError(f"compressed_k batch must be {B} to match the queries, "
+                         f"got {V.describe(compressed_k)}")
+    V.same_device(device, compressed_k=compressed_k)
+
+
+def score_prepared(prepared: PreparedQueries, compressed_k: torch.Tensor, *,
+                   ensemble: str = "max", logit_offset: float = 0.0,
+                   return_logits: bool = False, autotune: bool | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ensemble scores ``[B, N]`` (and per-layer logits ``[L, B, N]`` if ``return_logits``).
+
+    ``compressed_k`` uint8 ``[B, N, 132]`` (one buffer for every layer, as the release) or
+    ``[L, B, N, 132]`` (one per layer, as serving). ``autotune=None`` reads
+    ``FLASHMEMORY_AUTOTUNE`` (off unless set to 1; never in the interpreter).
+    """
+    if not isinstance(prepared, PreparedQueries):
+        raise TypeError(f"prepared must come from prepare_queries, got {type(prepared).__name__}")
+    V.choice("ensemble", ensemble, ENSEMBLES)
+    q, w = prepared.q, prepared.w
+    L, B, H, D = q.shape
+    _check_keys(compressed_k, L, B, q.device)
+    if prepared.backend == "torch":
+        return _score_torch(q, w, compressed_k, ensemble, logit_offset, return_logits)
+    import os
+    from .kernels.score import fused_score_launch
+    if autotune is None:
+        autotune = os.environ.get("FLASHMEMORY_AUTOTUNE", "0") == "1"
+    return fused_score_launch(q, w, compressed_k, precision=prepared.precision,
+                              hw_fp8=_device.has_hw_fp8(q.device), ensemble=ensemble,
+                              logit_offset=logit_offset, return_logits=return_logits,
+                              autotune=autotune)
+
+
+def _score_torch(q, w, compressed_k, ensemble, logit_offset, return_logits):
+    L = q.shape[0]
+    per_layer = compressed_k.dim() == 4
+    logits = torch.stack([
+        ref.score_logits(q[l].float(), w[l], ref.dequant_compressed_k(
+            compressed_k[l] if per_layer else compressed_k), logit_offset)
+        for l in range(L)])
+    scores = ref.ensemble_scores(torch.sigmoid(logits), ensemble)
+    return scores, (logits if return_logits else None)
+
+
+def score_chunks(q_proj: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
+                 compressed_k: torch.Tensor, *, max_position: int = C.MAX_POSITION_RELEASE,
+                 precision: str | None = None, ensemble: str = "max", logit_offset: float = 0.0,
+                 return_logits: bool = False, backend: str = "auto"
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`prepare_queries` then :func:`score_prepared`."""
+    prepared = prepare_queries(q_proj, w, positions, max_position=max_position,
+                               precision=precision, backend=backend)
+    return score_prepared(prepared, compressed_k, ensemble=ensemble, logit_offset=logit_offset,
+                          return_logits=return_logits)
+
+
+def project_queries(retriever, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All layers' projections in batched GEMMs (SPEC 3 steps 1-4 and 7).
+
+    ``hidden [B, hidden]`` (shared: one GEMM against every layer's stacked ``wq_a`` and
+    ``weights_proj``) or ``[L, B, hidden]`` (per layer: one batched matmul). Runs in the
+    weights' storage dtype (fp32 as released; bf16 weights give a bf16 GEMM with fp32
+    accumulation), returns fp32 ``q [L, B, H, D]`` and ``w [L, B, H]``.
+    """
+    L, R, H, D = retriever.n_layers, retriever.q_lora_rank, retriever.n_heads, retriever.head_dim
+    wdt = retriever.dtype
+    if hidden.dim() == 2:
+        B = hidden.shape[0]
+        flat = retriever.w_in.reshape(L * (R + H), -1)
+        proj = (hidden.to(wdt) @ flat.T).float().view(B, L, R + H).transpose(0, 1)
+    else:
+        B = hidden.shape[1]
+        proj = torch.bmm(hidden.to(wdt), retriever.w_in.transpose(1, 2)).float()
+    q_lora = ref.rms_norm(proj[..., :R], retriever.q_norm_weight.float()[:, None, :])
+    q = torch.bmm(q_lora.to(wdt), retriever.wq_b.transpose(1, 2)).float().view(L, B, H, D)
+    w = proj[..., R:] * C.weight_scale(H, D)
+    return q, w
+
+
+def score_hidden(retriever, hidden, compressed_k, positions, *, ensemble="max",
+                 return_logits=False):
+    """The retriever's Triton path: batched projections, query kernel, fused scorer."""
+    q, w = project_queries(retriever, hidden)
+    prepared = prepare_queries(q, w, positions, max_position=retriever.max_position,
+                               precision=retriever.precision, backend="triton",
+                               rope_freqs=retriever.rope_freqs)
+    return score_prepared(prepared, compressed_k, ensemble=ensemble,
+                          logit_offset=retriever.logit_offset, return_logits=return_logits)

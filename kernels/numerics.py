@@ -1,0 +1,64 @@
+"""Exact number-format helpers shared by the kernels: e4m3fn decode and rounding, bf16 rounding.
+
+Two decoders: the hardware conversion (sm_89+, where Triton has ``tl.float8e4nv``) and a bit
+decoder built from integer ops that runs on any target, sm_80 included, and in the
+interpreter. Both are exact: every finite e4m3 value is representable in bf16 and fp32.
+NaN bytes (0x7F, 0xFF) are not relied on here; the scoring kernel flags them per chunk.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def e4m3_bits_to_f32(b):
+    """uint8 e4m3fn bytes -> float32 values, exact, with integer ops only (any target).
+
+    Normal: ``(1 + m/8) * 2**(e - 7)`` is the float32 with exponent field ``e + 120`` and the
+    mantissa bits shifted up by 20. Subnormal (e == 0): ``m * 2**-9``, built as an int -> float
+    conversion times an exact power of two, so no float32 denormal (and no flush-to-zero) is
+    ever involved. NaN encodings decode to 480 and must be flagged by the caller.
+    """
+    x = b.to(tl.int32)
+    sign = (x & 0x80) << 24
+    e = (x >> 3) & 0xF
+    m = x & 0x7
+    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = (m.to(tl.float32) * 0.001953125)  # m * 2**-9, exact
+    sub = tl.where(sign != 0, -sub, sub)
+    return tl.where(e == 0, sub, normal)
+
+
+@triton.jit
+def round_to_e4m3(x):
+    """Round float32 ``x`` (|x| <= 448) to the nearest e4m3fn value, ties to even.
+
+    The e4m3 grid spacing at ``|x|`` is ``2**(max(floor(log2|x|), -6) - 3)``; dividing by that
+    power of two is exact, the magic-number add rounds to the nearest integer with ties to
+    even (|x / q| < 2**22), and the product back is exact. Matches
+    ``x.to(torch.float8_e4m3fn)`` for every input in range, subnormals included.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    exp = ((bits >> 23) & 0xFF) - 127
+    exp = tl.maximum(exp, -6)
+    quantum = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    y = x / quantum
+    magic = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds to integer, ties even
+    r = (y + magic) - magic
+    return r * quantum
+
+
+@triton.jit
+def round_to_bf16(x):
+    """float32 -> nearest bf16 value (ties to even), returned as float32.
+
+    Written with integer ops because ``.to(tl.bfloat16)`` rounds differently across targets
+    (the interpreter truncates; ``fp_downcast_rounding`` is ignored there), and the model's q
+    rounding (SPEC 3.5) must be round-to-nearest-even everywhere to match torch. The result
+    is exactly representable in bf16, so a later ``.to(tl.bfloat16)`` is exact. NaN stays NaN;
+    overflow rounds to inf as in torch.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    lsb = (bits >> 16) & 1
+    rounded = ((bits + 0x7FFF + lsb) & -65536).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)

@@ -1,0 +1,228 @@
+"""Fused scoring kernel: e4m3 decode, per-head dot, ReLU, head weights, sigmoid, ensemble.
+
+One launch scores every layer of every row. A program owns ``BLOCK_N`` chunks of one row; it
+reads that key tile from device memory once (once for all layers when the key buffer is
+shared, once per layer otherwise), runs ``[BLOCK_N, D] x [D, BLOCK_H]`` tensor-core dots
+against each layer's prepared q, and reduces over heads in registers:
+
+    logit[n] = |s_n| * sum_h relu(sign(s_n) * (fp8_n . q_h)) * w_h + logit_offset
+
+which equals ``sum_h relu((fp8_n * s_n) . q_h) * w_h`` for ANY scale sign (relu(s x) =
+|s| relu(sign(s) x)), so the fp8 bytes enter the tensor cores unscaled and exact. Neither the
+dequantized keys nor any ``[B, N, H]`` tensor touches memory; the outputs are the ensemble
+scores ``[B, N]`` and, on request, per-layer logits ``[L, B, N]``.
+
+Non-finite inputs: a chunk with an e4m3 NaN byte (0x7F/0xFF) or a non-finite scale scores NaN
+in every layer (the reference does the same: NaN/Inf keys make NaN logits), and NaN in q or w
+propagates through the NaN-aware ReLU, so nothing non-finite is silently turned into a score.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashmemory_triton import constants as C
+
+from ._alloc import alloc_output
+from .numerics import e4m3_bits_to_f32
+
+
+@triton.jit
+def _load_key_tile(kw_ptr, kf_ptr, key_row_words, nmask,
+                   D: tl.constexpr, PRECISION: tl.constexpr, HW_FP8: tl.constexpr):
+    """Load ``[BLOCK_N, D]`` e4m3 bytes and the scales of the rows at word offsets
+    ``key_row_words`` (int64, in 4-byte words so the compiler knows every row is 4-byte
+    aligned). Returns the dot operand, ``|scale|``, ``sign(scale)`` and a bad-row flag."""
+    cols = tl.arange(0, D)
+    kb = tl.load(kw_ptr + key_row_words[:, None] * 4 + cols[None, :], mask=nmask[:, None], other=0)
+    scale = tl.load(kf_ptr + key_row_words + D // 4, mask=nmask, other=1.0)
+    nan_byte = tl.max(((kb & 0x7F) == 0x7F).to(tl.int32), axis=1) > 0
+    bad = nan_byte | (scale != scale) | (tl.abs(scale) == float("inf"))
+    if PRECISION == "fp8":
+        if HW_FP8:
+            k = kb.to(tl.float8e4nv, bitcast=True)
+        else:
+            k = e4m3_bits_to_f32(kb).to(tl.bfloat16)
+    elif PRECISION == "bf16":
+        if HW_FP8:
+            k = kb.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        else:
+            k = e4m3_bits_to_f32(kb).to(tl.bfloat16)
+    else:
+        if HW_FP8:
+            k = kb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            k = e4m3_bits_to_f32(kb)
+    sign = tl.where(scale < 0, -1.0, 1.0)
+    return k, tl.abs(scale), sign, bad
+
+
+@triton.jit
+def fused_score_kernel(
+    kw_ptr, kf_ptr, q_ptr, w_ptr, scores_ptr, logits_ptr,
+    B, N, H,
+    stride_kl, stride_kb, stride_kn,  # key strides in 4-byte words (stride_kl = 0: shared)
+    logit_offset,
+    L: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    ROW_WORDS: tl.constexpr,  # > 0: rows are contiguous with this many words (33); 0: runtime
+    PRECISION: tl.constexpr, HW_FP8: tl.constexpr, SHARED_KEYS: tl.constexpr,
+    ENSEMBLE_MEAN: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+    BF16_DOT_VIA_F32: tl.constexpr,  # interpreter only: its bf16 dot multiplies raw bits
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    if ROW_WORDS > 0:
+        row_words = n * ROW_WORDS
+    else:
+        row_words = n * stride_kn
+    row_words = row_words + b * stride_kb
+
+    if SHARED_KEYS:
+        k, abs_scale, sign, bad = _load_key_tile(kw_ptr, kf_ptr, row_words, nmask,
+                                                 D, PRECISION, HW_FP8)
+    cols = tl.arange(0, D)
+    if ENSEMBLE_MEAN:
+        ens = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        ens = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+
+    for l in tl.static_range(L):
+        if not SHARED_KEYS:
+            k, abs_scale, sign, bad = _load_key_tile(kw_ptr, kf_ptr, row_words + l * stride_kl,
+                                                     nmask, D, PRECISION, HW_FP8)
+        lb = l * B + b
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for h0 in tl.static_range(0, H_PAD, BLOCK_H):
+            heads = h0 + tl.arange(0, BLOCK_H)
+            hmask = heads < H
+            q = tl.load(q_ptr + (lb * H + heads.to(tl.int64))[:, None] * D + cols[None, :],
+                        mask=hmask[:, None], other=0.0)
+            w = tl.load(w_ptr + lb * H + heads, mask=hmask, other=0.0)
+            if PRECISION == "fp8":
+                if HW_FP8:
+                    q = q.to(tl.float32).to(tl.float8e4nv)  # exact: q holds e4m3 values
+                    s = tl.dot(k, tl.trans(q))
+                elif BF16_DOT_VIA_F32:
+                    s = tl.dot(k.to(tl.float32), tl.trans(q).to(tl.float32),
+                               input_precision="ieee")
+                else:
+                    s = tl.dot(k, tl.trans(q))
+            elif PRECISION == "bf16":
+                if BF16_DOT_VIA_F32:
+                    # bf16 x bf16 products are exact in fp32: same result as the bf16 dot
+                    s = tl.dot(k.to(tl.float32), tl.trans(q).to(tl.float32),
+                               input_precision="ieee")
+                else:
+                    s = tl.dot(k, tl.trans(q))
+            elif PRECISION == "tf32":
+                s = tl.dot(k, tl.trans(q), input_precision="tf32")
+            else:
+                s = tl.dot(k, tl.trans(q), input_precision="ieee")
+            s = tl.maximum(s * sign[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
+            acc += tl.sum(s * w[None, :], axis=1)
+        logit = acc * abs_scale + logit_offset
+        logit = tl.where(bad, float("nan"), logit)
+        if WRITE_LOGITS:
+            tl.store(logits_ptr + (l * B + b) * N + n, logit, mask=nmask)
+        sig = 1.0 / (1.0 + tl.exp(-logit))
+        if ENSEMBLE_MEAN:
+            ens += sig
+        else:
+            ens = tl.maximum(ens, sig, propagate_nan=tl.PropagateNan.ALL)
+    if ENSEMBLE_MEAN:
+        ens = ens / L
+    tl.store(scores_ptr + b * N + n, ens, mask=nmask)
+
+
+def _words(stride_bytes: int) -> int:
+    return stride_bytes // 4
+
+
+def key_views(compressed_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte and float32 views of one key buffer (same storage). Strided inputs whose byte
+    strides are multiples of 4 are used in place; anything else is made contiguous."""
+    k = compressed_k
+    if k.stride(-1) != 1 or any(s % 4 for s in k.stride()[:-1]) or k.storage_offset() % 4:
+        k = k.contiguous()
+    return k, k.view(torch.float32)
+
+
+def launch_config(N: int, H_pad: int, precision: str, device: torch.device) -> dict:
+    """Launch parameters by shape class (no autotuning).
+
+    GPU: 128-chunk tiles, 8 warps, heads in blocks of 64 so the fp32 accumulator of one dot
+    is [128, 64] (32 registers a thread) and the key tile stays resident across the layers.
+    Interpreter: the largest tile that fits N (each program is a numpy step; fewer is faster).
+    """
+    if device.type != "cuda":
+        return dict(BLOCK_N=min(128, max(16, triton.next_power_of_2(max(N, 1)))),
+                    BLOCK_H=min(H_pad, 128), num_warps=4, num_stages=1)
+    block_h = min(H_pad, 64)
+    return dict(BLOCK_N=128, BLOCK_H=block_h, num_warps=8, num_stages=2)
+
+
+def autotune_configs():
+    return [triton.Config(dict(BLOCK_N=bn, BLOCK_H=bh), num_warps=nw, num_stages=ns)
+            for bn in (64, 128, 256) for bh in (32, 64, 128) for nw in (4, 8) for ns in (1, 2)
+            if not (bn == 256 and bh == 128)]
+
+
+_tuned_kernel = None
+
+
+def _autotuned():
+    global _tuned_kernel
+    if _tuned_kernel is None:
+        _tuned_kernel = triton.autotune(
+            configs=autotune_configs(),
+            # Not N: decode lengths grow every call and the best tile hardly depends on N once
+            # the grid fills the card; tuning once per model shape and mode is enough.
+            key=["H", "L", "PRECISION", "HW_FP8", "SHARED_KEYS", "WRITE_LOGITS"],
+        )(fused_score_kernel)
+    return _tuned_kernel
+
+
+def fused_score_launch(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Tensor, *,
+                       precision: str, hw_fp8: bool, ensemble: str = "max",
+                       logit_offset: float = 0.0, return_logits: bool = False,
+                       autotune: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the fused scorer. ``q [L, B, H, D]`` prepared (see ``query_prep``), ``w [L, B, H]``
+    fp32, ``compressed_k`` uint8 ``[B, N, 132]`` (shared) or ``[L, B, N, 132]``. Inputs are
+    assumed validated by the caller (``flashmemory_triton.ops``)."""
+    L, B, H, D = q.shape
+    shared = compressed_k.dim() == 3
+    N = compressed_k.shape[-2]
+    device = compressed_k.device
+    scores = alloc_output((B, N), torch.float32, device)
+    logits = alloc_output((L, B, N), torch.float32, device) if return_logits else None
+    if N == 0 or B == 0:
+        return scores, logits
+    kw, kf = key_views(compressed_k)
+    strides = [_words(s) for s in kw.stride()[:-1]]
+    stride_kl, stride_kb, stride_kn = ([0] + strides) if shared else strides
+    row_words = stride_kn if stride_kn == C.CHUNK_BYTES // 4 else 0
+    H_pad = max(16, triton.next_power_of_2(H))
+    q = q.contiguous()
+    w = w.contiguous().float()
+    common = dict(L=L, D=D, H_PAD=H_pad, ROW_WORDS=row_words, PRECISION=precision,
+                  HW_FP8=bool(hw_fp8), SHARED_KEYS=shared, ENSEMBLE_MEAN=ensemble == "mean",
+                  WRITE_LOGITS=return_logits,
+                  # Triton 3.6's interpreter runs np.matmul on the uint16 storage of bf16
+                  # operands; upcasting first is exact and only happens off the GPU.
+                  BF16_DOT_VIA_F32=device.type != "cuda")
+    args = (kw, kf, q, w, scores, logits if logits is not None else scores, B, N, H,
+            stride_kl, stride_kb, stride_kn, float(logit_offset))
+    if autotune and device.type == "cuda":
+        kernel = _autotuned()
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B)  # noqa: E731
+        kernel[grid](*args, **common)
+    else:
+        cfg = launch_config(N, H_pad, precision, device)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), B)
+        fused_score_kernel[grid](*args, **common, **cfg)
+    return scores, logits
