@@ -7,15 +7,19 @@ from . import constants
 from .reference import (apply_rope, dequant_compressed_k, hadamard_transform,
                         precompute_freqs_cis)
 from .retriever import FlashMemoryRetriever, topk_mask
+from .selection import ResidentSet, ThresholdFallback, select_resident
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FlashMemoryRetriever",
+    "ResidentSet",
+    "ThresholdFallback",
     "apply_rope",
     "constants",
     "dequant_compressed_k",
     "hadamard_transform",
     "precompute_freqs_cis",
+    "select_resident",
     "topk_mask",
 ]

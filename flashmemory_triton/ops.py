@@ -148,8 +148,8 @@ def _score_torch(q, w, compressed_k, ensemble, logit_offset, return_logits):
     L = q.shape[0]
     per_layer = compressed_k.dim() == 4
     logits = torch.stack([
-        ref.score_logits(q[l].float(), w[l], ref.dequant_compressed_k(
-            compressed_k[l] if per_layer else compressed_k), logit_offset)
+        ref.keys_logits(q[l].float(), w[l], compressed_k[l] if per_layer else compressed_k,
+                        logit_offset=logit_offset)
         for l in range(L)])
     scores = ref.ensemble_scores(torch.sigmoid(logits), ensemble)
     return scores, (logits if return_logits else None)

@@ -27,6 +27,8 @@ __all__ = [
     "prepare_query",
     "query_side",
     "score_logits",
+    "keys_logits",
+    "nonfinite_chunks",
     "layer_logits",
     "ensemble_scores",
 ]
@@ -51,6 +53,19 @@ def dequant_compressed_k(compressed_k: torch.Tensor, head_dim: int = C.HEAD_DIM,
     # platform torch supports for CUDA (x86_64, aarch64).
     scale = scale_bytes.view(torch.float32).to(dtype)  # [..., N, 1]
     return fp8 * scale
+
+
+def nonfinite_chunks(compressed_k: torch.Tensor, head_dim: int = C.HEAD_DIM) -> torch.Tensor:
+    """Bool ``[..., N]``: chunks holding an e4m3 NaN byte (0x7F, 0xFF) or a NaN/Inf scale.
+
+    Policy (both backends): such a chunk's logit is NaN in every layer, so its score is NaN
+    and no threshold or top-k selection ever keeps it. The plain formula already gives NaN
+    for NaN bytes; an infinite scale would give +-inf or NaN depending on the other bytes,
+    so it is pinned to NaN instead of letting garbage rank first.
+    """
+    nan_byte = ((compressed_k[..., :head_dim] & 0x7F) == 0x7F).any(-1)
+    scale = compressed_k[..., head_dim:].contiguous().view(torch.float32)[..., 0]
+    return nan_byte | ~torch.isfinite(scale)
 
 
 # --- RoPE (SPEC 3, YaRN, no mscale) ---------------------------------------------------------
@@ -207,8 +222,15 @@ def layer_logits(hidden: torch.Tensor, compressed_k: torch.Tensor, positions: to
                  mixed_freqs: torch.Tensor | None = None) -> torch.Tensor:
     """One layer, end to end: hidden ``[B, hidden]``, keys ``uint8 [B, N, 132]`` -> ``[B, N]``."""
     q, w = query_side(hidden, weights, positions, max_position, head_dim, dtype, mixed_freqs)
-    k = dequant_compressed_k(compressed_k, head_dim, dtype)
-    return score_logits(q, w, k, logit_offset)
+    return keys_logits(q, w, compressed_k, head_dim, logit_offset)
+
+
+def keys_logits(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Tensor,
+                head_dim: int = C.HEAD_DIM, logit_offset: float = 0.0) -> torch.Tensor:
+    """Score prepared ``q``/``w`` against row-format keys, with the non-finite-chunk policy."""
+    k = dequant_compressed_k(compressed_k, head_dim, q.dtype)
+    logits = score_logits(q, w, k, logit_offset)
+    return logits.masked_fill(nonfinite_chunks(compressed_k, head_dim), float("nan"))
 
 
 def ensemble_scores(per_layer: list[torch.Tensor] | torch.Tensor, mode: str = "max") -> torch.Tensor:

@@ -138,7 +138,9 @@ class FlashMemoryRetriever(nn.Module):
                         layers=None, **kwargs) -> "FlashMemoryRetriever":
         """Load a joint (``retrievers.<layer>.*``) or per-layer checkpoint (.safetensors/.pt)."""
         from .checkpoint import load_layer_states
-        states = load_layer_states(path, layers=layers)
+        # The loader derives H from wq_b rows / head_dim, so it needs the caller's head_dim.
+        states = load_layer_states(path, layers=layers,
+                                   head_dim=kwargs.get("head_dim") or C.HEAD_DIM)
         return cls(states, device=device, max_position=max_position, **kwargs)
 
     @classmethod
@@ -220,8 +222,10 @@ class FlashMemoryRetriever(nn.Module):
             raise ValueError(f"compressed_k batch {compressed_k.shape[-3]} does not match hidden "
                              f"batch {B} (hidden {V.describe(hidden)}, compressed_k "
                              f"{V.describe(compressed_k)})")
-        V.positions("positions", positions, B)
+        V.tensor("positions", positions, integer=True, ndim=1)
+        # Device before values: V.positions reads the values (a sync, impossible on meta).
         V.same_device(self.device, hidden=hidden, compressed_k=compressed_k, positions=positions)
+        V.positions("positions", positions, B)
         return per_layer_hidden, per_layer_keys, B, compressed_k.shape[-2]
 
     # --- scoring --------------------------------------------------------------------------

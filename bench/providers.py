@@ -1,0 +1,170 @@
+"""The implementations being timed, all behind one interface and fed the same inputs.
+
+A :class:`Provider` builds, for one shape and precision, a :class:`Runner`: ``run()`` is the
+call that is timed and returns ensemble scores ``[B, N]``; ``check()`` returns
+``(scores, per-layer logits)`` for the correctness pre-check (:mod:`bench.check`). Scoring
+providers time keys -> scores on queries each prepared its own way before timing starts;
+cycle providers start from hidden states and time the whole retrieval cycle a serving engine
+runs every 64 decode steps (projections, query preparation, scoring, page selection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from flashmemory_triton import constants as C
+from flashmemory_triton.kernels import PRECISIONS
+from flashmemory_triton.torch_fast import DEFAULT_BLOCK_BYTES, score_prepared_fast
+from flashmemory_triton.torch_fast import PRECISIONS as FAST_PRECISIONS
+
+from .inputs import Model, ModelDims, ShapeInputs
+from .release import release_scores, release_temp_bytes
+from .sweeps import Shape
+
+SCORING, CYCLE = "scoring", "cycle"
+FIXED_PRECISION = "fp32"  # the label of providers whose arithmetic does not vary
+
+
+@dataclasses.dataclass
+class Runner:
+    run: Callable[[], torch.Tensor]
+    check: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclasses.dataclass
+class Context:
+    """What builders share across a sweep: the weights and the run's options."""
+    model: Model
+    autotune: bool = False
+    _compiled: Callable | None = None
+
+    def compiled_release(self) -> Callable:
+        """One ``torch.compile`` of the release path; it recompiles for every new shape (static
+        shapes, so each is specialized), and the sweep limits how many shapes it gets."""
+        if self._compiled is None:
+            self._compiled = torch.compile(release_scores, dynamic=False)
+        return self._compiled
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    name: str
+    kind: str  # SCORING or CYCLE
+    precisions: tuple[str, ...] | None  # dot-product modes; None = fixed fp32 arithmetic
+    needs_triton: bool
+    build: Callable[[Context, ShapeInputs, Shape, str], Runner]
+    temp_bytes: Callable[[Shape, ModelDims, str], int]  # estimated peak beyond the inputs
+    description: str
+
+    def row_precisions(self, wanted: tuple[str, ...]) -> tuple[str, ...]:
+        """The precisions this provider runs in a sweep over ``wanted``."""
+        if self.precisions is None:
+            return (FIXED_PRECISION,)
+        return tuple(p for p in wanted if p in self.precisions)
+
+
+# --- memory estimates (bytes of temporaries, the inputs excluded) -------------------------------
+def _outputs(shape: Shape, dims: ModelDims) -> int:
+    """Per-layer logits, their sigmoid and the scores, all fp32."""
+    return (2 * dims.n_layers + 1) * shape.batch * shape.n * 4
+
+
+def _release_bytes(shape, dims, precision) -> int:
+    return release_temp_bytes(shape.batch, shape.n, dims.heads, C.HEAD_DIM) + _outputs(shape, dims)
+
+
+def _torch_fast_bytes(shape, dims, precision) -> int:
+    return DEFAULT_BLOCK_BYTES + _outputs(shape, dims)
+
+
+def _triton_bytes(shape, dims, precision) -> int:
+    return (dims.n_layers + 1) * shape.batch * shape.n * 4  # logits (check call) and scores
+
+
+def _selection_bytes(shape) -> int:
+    # select_resident's [B, N] temporaries: int64 index, a handful of bool masks, fp32 scores.
+    return shape.batch * shape.n * 24
+
+
+# --- builders -------------------------------------------------------------------------------
+# Scoring runners time keys -> scores on queries prepared before the timed region (the query
+# side is O(B * H * D) whatever N; the cycle rows time it with everything else).
+def _release_runner(fn: Callable) -> Callable:
+    def build(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) -> Runner:
+        f = fn(ctx)
+
+        def call():
+            return f(x.q, x.w, x.compressed_k, shape.ensemble)
+        return Runner(run=lambda: call()[0], check=call)
+    return build
+
+
+def _build_torch_fast(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) -> Runner:
+
+    def call(logits: bool):
+        return score_prepared_fast(x.q, x.w, x.compressed_k, precision=precision,
+                                   ensemble=shape.ensemble, return_logits=logits)
+    return Runner(run=lambda: call(False)[0], check=lambda: call(True))
+
+
+def _build_triton(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) -> Runner:
+    from flashmemory_triton import ops
+    prepared = ops.prepare_queries(x.q_proj, x.w, x.positions, max_position=x.max_position,
+                                   precision=precision, backend="triton")
+
+    def call(logits: bool, autotune: bool):
+        return ops.score_prepared(prepared, x.compressed_k, ensemble=shape.ensemble,
+                                  return_logits=logits, autotune=autotune)
+    # The check call is never autotuned: writing logits is another tuning key, and tuning it
+    # would only add start-up time; the check's score bound covers the tiles differing.
+    return Runner(run=lambda: call(False, ctx.autotune)[0], check=lambda: call(True, False))
+
+
+def _cycle_builder(backend: str) -> Callable:
+    def build(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) -> Runner:
+        from flashmemory_triton.selection import select_resident
+        retriever = ctx.model.retriever(backend, None if backend == "torch" else precision)
+        max_pages = C.default_max_pages(shape.n * C.TOKENS_PER_CHUNK)
+
+        def run():
+            scores = retriever.ensemble(x.hidden, x.compressed_k, x.positions, shape.ensemble)
+            select_resident(scores, mode="page", max_pages=max_pages)
+            return scores
+
+        def check():
+            return (retriever.ensemble(x.hidden, x.compressed_k, x.positions, shape.ensemble),
+                    retriever.logits(x.hidden, x.compressed_k, x.positions))
+        return Runner(run=run, check=check)
+    return build
+
+
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (
+    Provider("reference", SCORING, None, False, _release_runner(lambda ctx: release_scores),
+             _release_bytes, "pure-torch fp32 reference, as the upstream release computes it"),
+    Provider("torch_compile", SCORING, None, False,
+             _release_runner(lambda ctx: ctx.compiled_release()), _release_bytes,
+             "torch.compile of the reference (static shapes, default mode)"),
+    Provider("torch_fast", SCORING, FAST_PRECISIONS, False, _build_torch_fast, _torch_fast_bytes,
+             "flashmemory_triton.torch_fast: blocked matmuls, scale factored out"),
+    Provider("triton", SCORING, PRECISIONS, True, _build_triton, _triton_bytes,
+             "fused Triton scorer (ops.score_prepared) on prepared queries"),
+    Provider("cycle_torch", CYCLE, None, False, _cycle_builder("torch"),
+             lambda s, d, p: _release_bytes(s, d, p) + _selection_bytes(s),
+             "full cycle, torch backend: projections + reference scoring + page selection"),
+    Provider("cycle_triton", CYCLE, PRECISIONS, True, _cycle_builder("triton"),
+             lambda s, d, p: _triton_bytes(s, d, p) + _selection_bytes(s),
+             "full cycle, triton backend: batched projections + fused scoring + page selection"),
+)}
+
+
+def resolve(names: list[str] | None) -> list[Provider]:
+    """Providers by name, in registry order; ``None`` means all of them."""
+    if names is None:
+        return list(PROVIDERS.values())
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown:
+        raise ValueError(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
+    return [p for name, p in PROVIDERS.items() if name in names]

@@ -1,0 +1,144 @@
+"""Ahead-of-time compilation of every kernel specialization for a GPU target, no GPU needed.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole NVIDIA
+pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin through the ptxas shipped with triton), so a
+CPU-only CI proves each specialization builds for sm_90 and sm_80, reads its shared memory and
+registers, and checks which matrix instructions the PTX uses.
+
+Run as ``python -m flashmemory_triton.kernels.aot`` (prints JSON). It must run WITHOUT
+``TRITON_INTERPRET=1``: under the interpreter ``@triton.jit`` returns objects the compiler
+cannot take, which is why the tests call this module in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flashmemory_triton import constants as C
+
+from . import PRECISIONS
+from .query_prep import query_prep_kernel
+from .score import fused_score_kernel
+
+TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
+PTX_MARKERS = {
+    "wgmma": r"wgmma\.mma_async",
+    "wgmma_bf16": r"wgmma\.mma_async[^\n]*\.bf16",
+    "wgmma_e4m3": r"wgmma\.mma_async[^\n]*\.e4m3",
+    "wgmma_tf32": r"wgmma\.mma_async[^\n]*\.tf32",
+    "mma_sync": r"\bmma\.sync",
+    "mma_sync_bf16": r"\bmma\.sync[^\n]*\.bf16",
+    "mma_sync_tf32": r"\bmma\.sync[^\n]*\.tf32",
+    "cvt_e4m3": r"cvt[^\n]*e4m3",
+    "ld_global_b32": r"ld\.global[^\n]*\.b32",
+    "ld_global_u8": r"ld\.global[^\n]*\.u8",
+}
+
+
+def score_specializations(arch: str):
+    """The specializations the launcher produces for ``arch`` (GPU launch parameters of
+    ``score.launch_config`` at H = 128): every precision x key layout, plus every precision
+    with the mean ensemble and per-layer logits on (those two switches only change the
+    epilogue, so crossing them with both layouts would add compile time and no coverage)."""
+    hw_fp8 = arch == "sm_90"
+    for precision in PRECISIONS:
+        for shared, mean, logits in ((True, False, False), (False, False, False),
+                                     (True, True, True)):
+            yield dict(PRECISION=precision, SHARED_KEYS=shared, ENSEMBLE_MEAN=mean,
+                       WRITE_LOGITS=logits, HW_FP8=hw_fp8)
+
+
+def compile_score(arch: str, *, PRECISION: str, SHARED_KEYS: bool, ENSEMBLE_MEAN: bool,
+                  WRITE_LOGITS: bool, HW_FP8: bool, L: int = 3, H_PAD: int = 128,
+                  BLOCK_N: int = 128, BLOCK_H: int = 64, ROW_WORDS: int = C.CHUNK_BYTES // 4,
+                  num_warps: int = 8, num_stages: int = 2):
+    q_type = "*bf16" if PRECISION in ("bf16", "fp8") else "*fp32"
+    signature = {
+        "kw_ptr": "*u8", "kf_ptr": "*fp32", "q_ptr": q_type, "w_ptr": "*fp32",
+        "scores_ptr": "*fp32", "logits_ptr": "*fp32", "B": "i32", "N": "i32", "H": "i32",
+        "stride_kl": "i64", "stride_kb": "i64", "stride_kn": "i64", "logit_offset": "fp32",
+    }
+    constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
+                      ROW_WORDS=ROW_WORDS, PRECISION=PRECISION, HW_FP8=HW_FP8,
+                      SHARED_KEYS=SHARED_KEYS, ENSEMBLE_MEAN=ENSEMBLE_MEAN,
+                      WRITE_LOGITS=WRITE_LOGITS, BF16_DOT_VIA_F32=False)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    return _compile(fused_score_kernel, signature, constexprs, arch, num_warps, num_stages)
+
+
+def compile_query_prep(arch: str, *, FP8: bool, OUT_BF16: bool, BLOCK_H: int = 32):
+    signature = {"q_ptr": "*fp32", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                 "q_out_ptr": "*bf16" if OUT_BF16 else "*fp32", "w_out_ptr": "*fp32",
+                 "B": "i32", "H": "i32"}
+    constexprs = dict(D=C.HEAD_DIM, ROPE=C.ROPE_DIM, BLOCK_H=BLOCK_H, FP8=FP8, OUT_BF16=OUT_BF16,
+                      FP8_MIN_AMAX=C.FP8_QUANT_MIN_AMAX, FP8_MAX=C.FP8_E4M3_MAX)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    return _compile(query_prep_kernel, signature, constexprs, arch, 4, 1)
+
+
+def _compile(fn, signature, constexprs, arch, num_warps, num_stages):
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=TARGETS[arch],
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = compiled.asm["ptx"]
+    return {
+        "arch": arch,
+        "shared_bytes": int(compiled.metadata.shared),
+        "num_warps": num_warps,
+        **_resource_usage(compiled),
+        "ptx": {name: bool(re.search(pat, ptx)) for name, pat in PTX_MARKERS.items()},
+        "cubin_bytes": len(compiled.asm.get("cubin", b"")),
+    }
+
+
+def _resource_usage(compiled) -> dict:
+    """Registers, stack frame and local memory per thread, read off the cubin with the
+    cuobjdump that ships with triton (``n_regs`` is only filled once loaded on a GPU)."""
+    cubin = compiled.asm.get("cubin")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not cubin or not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=False).stdout
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", out))
+    return {"regs": int(found["REG"]), "stack_bytes": int(found["STACK"]),
+            "local_bytes": int(found["LOCAL"])} if "REG" in found else {}
+
+
+def compile_all(archs=("sm_90", "sm_80")) -> list[dict]:
+    results = []
+    for arch in archs:
+        for spec in score_specializations(arch):
+            results.append({"kernel": "fused_score", **spec, **compile_score(arch, **spec)})
+        for fp8, out_bf16 in ((False, False), (False, True), (True, True)):
+            results.append({"kernel": "query_prep", "FP8": fp8, "OUT_BF16": out_bf16,
+                            **compile_query_prep(arch, FP8=fp8, OUT_BF16=out_bf16)})
+    return results
+
+
+def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("aot: unset TRITON_INTERPRET to compile for a GPU target", file=sys.stderr)
+        return 2
+    archs = tuple(argv or sys.argv[1:]) or ("sm_90", "sm_80")
+    json.dump(compile_all(archs), sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
