@@ -42,12 +42,13 @@ def _pick(results, **match):
 EXPECTED_MMA = {
     ("sm_90", "bf16"): "wgmma_bf16", ("sm_90", "fp8"): "wgmma_e4m3",
     ("sm_90", "tf32"): "wgmma_tf32", ("sm_80", "bf16"): "mma_sync_bf16",
-    ("sm_80", "fp8"): "mma_sync_bf16", ("sm_80", "tf32"): "mma_sync_tf32",
+    ("sm_80", "fp8"): "mma_sync_bf16",
 }
+CASES = [pytest.param("sm_90", p, id=f"sm_90-{p}") for p in PRECISIONS] + [
+    pytest.param("sm_80", p, id=f"sm_80-{p}") for p in ("bf16", "fp8")]
 
 
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("arch,precision", CASES)
 def test_score_kernel_instructions(compiled, arch, precision):
     for r in _pick(compiled, kernel="fused_score", arch=arch, PRECISION=precision):
         ptx = r["ptx"]
@@ -73,8 +74,11 @@ def test_query_prep_compiles(compiled, arch):
 
 
 def test_every_layout_and_epilogue_compiled(compiled):
-    for arch in ("sm_90", "sm_80"):
-        for precision in PRECISIONS:
-            got = {(r["SHARED_KEYS"], r["ENSEMBLE_MEAN"], r["WRITE_LOGITS"])
-                   for r in _pick(compiled, kernel="fused_score", arch=arch, PRECISION=precision)}
-            assert {(True, False, False), (False, False, False), (True, True, True)} <= got
+    for precision in PRECISIONS:
+        got = {(r["SHARED_KEYS"], r["ENSEMBLE_MEAN"], r["WRITE_LOGITS"])
+               for r in _pick(compiled, kernel="fused_score", arch="sm_90", PRECISION=precision)}
+        assert {(True, False, False), (False, False, False), (True, True, True)} <= got
+    for precision in ("bf16", "fp8"):  # the sm_80 decode fallback, both key layouts
+        got = {r["SHARED_KEYS"] for r in _pick(compiled, kernel="fused_score", arch="sm_80",
+                                               PRECISION=precision)}
+        assert got == {True, False}

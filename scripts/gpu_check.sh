@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# GPU correctness tests + the quick benchmark sweep, in ONE call, on a machine where nothing can
+# be installed (torch and triton preinstalled; no network). Everything goes to $OUT:
+#   $OUT/env.txt            GPU, driver, torch/triton versions, commit, date
+#   $OUT/tests.log          pytest --device cuda (kernels, paged, full-size GPU checks)
+#   $OUT/bench/             CSV, JSON, PNG of `python -m bench --quick`
+#   $OUT/summary.txt        exit codes and the tail of each step
+# Budget: well inside 8 minutes on an H100 including Triton compilation.
+# Usage: OUT=/some/dir bash scripts/gpu_check.sh   (OUT defaults to a temp dir)
+set -u
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+
+# Stage the package without installing it: kernels/ becomes flashmemory_triton/kernels, as
+# the wheel lays it out (pyproject's package-dir), and tests/bench run from the stage.
+STAGE=$(mktemp -d)
+cp -r "$REPO/flashmemory_triton" "$STAGE/"
+cp -r "$REPO/kernels" "$STAGE/flashmemory_triton/kernels"
+cp -r "$REPO/tests" "$REPO/bench" "$REPO/pyproject.toml" "$STAGE/"
+cd "$STAGE" || exit 2
+export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+export FLASHMEMORY_POISON=1
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "dirty: $(git -C "$REPO" status --porcelain 2>/dev/null | wc -l) files"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1
+  "$PY" - <<'PY'
+import torch, triton, platform
+print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__)
+print("cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+PY
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+step() {  # step NAME TIMEOUT_S CMD...: run, log, record the exit code
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/summary.txt"
+  tail -n 25 "$OUT/$name.log" >> "$OUT/summary.txt"
+  return $rc
+}
+
+step tests 270 "$PY" -m pytest -q -p no:cacheprovider --device cuda \
+  tests/test_kernels.py tests/test_gpu.py $(ls tests/test_paged.py 2>/dev/null) \
+  -k "not compile" -o addopts=""
+tests_rc=$?
+step bench 330 "$PY" -m bench --quick --device cuda --out "$OUT/bench"
+bench_rc=$?
+rm -rf "$STAGE"
+echo "tests_rc=$tests_rc bench_rc=$bench_rc" | tee -a "$OUT/summary.txt"
+tail -n 40 "$OUT/bench.log"
+exit $(( tests_rc != 0 || bench_rc != 0 ))
