@@ -2,6 +2,11 @@
 
 Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, range or
 device) naming the argument, what was expected and what came, before any kernel launches.
+
+Value checks (negative positions) read tensor data, which is a host sync. They are skipped
+where reading is impossible or harmful: on the ``meta`` device (no data) and on a CUDA stream
+that is being captured into a graph (a sync would break the capture); shapes, dtypes and
+devices are still checked there. See ``docs/validation.md``.
 """
 
 from __future__ import annotations
@@ -53,11 +58,23 @@ def compressed_keys(name: str, k: torch.Tensor, head_dim: int = C.HEAD_DIM,
     return k
 
 
+def values_readable(device: torch.device) -> bool:
+    """May a check read tensor values (a host sync) here? Never on meta, never on a CUDA
+    stream that is capturing a graph."""
+    if device.type == "meta":
+        return False
+    if device.type == "cuda":
+        return not torch.cuda.is_current_stream_capturing()
+    return True
+
+
 def positions(name: str, pos: torch.Tensor, batch: int) -> torch.Tensor:
+    """Integer ``[batch]`` token positions; negative values are refused when readable (see
+    :func:`values_readable`: not on meta, not during CUDA graph capture)."""
     tensor(name, pos, integer=True, ndim=1)
     if pos.shape[0] != batch:
         raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {describe(pos)}")
-    if pos.numel() and bool((pos < 0).any()):
+    if pos.numel() and values_readable(pos.device) and bool((pos < 0).any()):
         raise ValueError(f"{name} must be non-negative token positions, got min {int(pos.min())}")
     return pos
 
@@ -65,3 +82,41 @@ def positions(name: str, pos: torch.Tensor, batch: int) -> torch.Tensor:
 def choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def real_number(name: str, value, *, finite: bool = True) -> float:
+    """A Python/numpy real scalar (not bool, not a tensor), finite unless ``finite=False``
+    (NaN is always refused)."""
+    import math
+    import numbers
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be a {'finite ' if finite else ''}number, got {value!r}")
+    return value
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def device(name: str, value) -> torch.device:
+    """A device a user asked for by name: parseable, cpu or cuda, and available."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{name} must be 'cpu' or 'cuda[:N]', got {value!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be 'cpu' or 'cuda[:N]' (only cpu and cuda are "
+                         f"supported), got {value!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} is {value!r} but CUDA is not available "
+                             f"(torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} is {value!r} but there are only "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _validate as V
 from . import constants as C
 from . import synthetic
 from .offload import ChunkHistory, OffloadEngine
@@ -73,6 +74,12 @@ class DecodeConfig:
             raise ValueError(f"select must be one of {list(SELECT_MODES)}, got {self.select!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        V.real_number("threshold", self.threshold, finite=False)
+        if self.fallback_bound is not None:
+            bound = V.real_number("fallback_bound", self.fallback_bound)
+            if not 0.0 <= bound < 1.0:
+                raise ValueError(f"fallback_bound must be in [0, 1), got {bound!r}")
+        V.device("device", self.device)
         if self.max_resident is not None and self.select != "chunk":
             raise ValueError("max_resident applies to --select chunk only")
         if self.top_k is not None and self.select != "topk":

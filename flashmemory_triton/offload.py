@@ -22,9 +22,10 @@ lookup table never maps a chunk outside the current set, so a reader cannot see 
 
 A set needing more pages than the reserve has cells raises ``ValueError`` before any state
 changes. A page that gained chunks since it was copied (the growing last page) is stale and is
-copied again (counted as a miss). If the copy itself fails, the cells it was writing are
-emptied and their chunks dropped from the lookup table before the error propagates, so the
-engine never maps corrupt bytes.
+copied again (counted as a miss). If the copy or the bookkeeping after it fails (any exception,
+KeyboardInterrupt included), the cells the cycle was writing or evicting are emptied and their
+chunks dropped from the lookup table before the error propagates, so the engine never maps
+corrupt bytes and the same ``apply`` can simply be retried.
 
 On a CPU device the same code runs with no pinning and no streams (the copy is synchronous).
 Planning reads the resident mask on the host: the engine runs at cycle boundaries, outside
@@ -115,7 +116,10 @@ class ChunkHistory:
     def _counts(self, counts, n: int) -> torch.Tensor:
         if counts is None:
             return torch.full((self.batch,), n, dtype=torch.int64)
-        counts = torch.as_tensor(counts).to("cpu", torch.int64)
+        counts = torch.as_tensor(counts)
+        if counts.dtype not in V._INT_DTYPES:
+            raise TypeError(f"counts must be integers, got {V.describe(counts)}")
+        counts = counts.to("cpu", torch.int64)
         if counts.shape != (self.batch,):
             raise ValueError(f"counts must have shape ({self.batch},), got {tuple(counts.shape)}")
         if bool((counts < 0).any()) or bool((counts > n).any()):
@@ -338,13 +342,15 @@ class OffloadEngine:
         plan = self.plan(mask)  # raises before any state changes
         mask = mask[:, :self.history.capacity]
         n_load = plan.load_b.numel()
-        if n_load:
-            try:
+        try:
+            if n_load:
                 self._copy_pages(plan)
-            except BaseException:
-                self._drop_cells(torch.cat([plan.load_cell, plan.evict_cells]))
-                raise
-        self._commit(plan, mask)
+            self._commit(plan, mask)
+        except BaseException:
+            # A failed copy or a commit cut short (OOM, KeyboardInterrupt): forget every cell
+            # this cycle touched, so nothing maps bytes that were (being) overwritten.
+            self._drop_cells(torch.cat([plan.load_cell, plan.evict_cells]))
+            raise
         stats = CycleStats(cycle=self.cycle, pages_needed=int(plan.need.sum()),
                            page_hits=int(plan.hits.sum()), page_misses=n_load,
                            pages_evicted=plan.evict_cells.numel(),
@@ -396,6 +402,8 @@ class OffloadEngine:
                 self.page_cell[b, p] = -1
             self.cell_row[c] = self.cell_page[c] = self.cell_loaded[c] = self.cell_used[c] = -1
             self.cell_valid[c] = 0
+        # A commit cut short may have pointed pages at these cells before recording the owner.
+        self.page_cell[torch.isin(self.page_cell, cells)] = -1
         dead = torch.zeros(self.n_cells + 1, dtype=torch.bool, device=self.device)
         dead[cells.to(self.device)] = True
         cell_of = torch.where(self._lookup >= 0, self._lookup // self.page_size, self.n_cells)

@@ -80,8 +80,16 @@ def prepare_queries(q_proj: torch.Tensor, w: torch.Tensor, positions: torch.Tens
         raise ValueError(f"q_proj last dim must be head_dim {C.HEAD_DIM}, got {V.describe(q_proj)}")
     if tuple(w.shape) != (L, B, H):
         raise ValueError(f"w must be [L={L}, B={B}, H={H}] to match q_proj, got {V.describe(w)}")
-    V.positions("positions", positions, B)
+    V.tensor("positions", positions, integer=True, ndim=1)
+    # Device before values: V.positions reads the values (impossible on meta, a sync on CUDA).
     V.same_device(q_proj.device, w=w, positions=positions)
+    V.positions("positions", positions, B)
+    V.positive_int("max_position", max_position)
+    if rope_freqs is not None:
+        V.tensor("rope_freqs", rope_freqs, floating=True, ndim=1)
+        if rope_freqs.shape[0] != C.ROPE_DIM // 2:
+            raise ValueError(f"rope_freqs must be the {C.ROPE_DIM // 2} YaRN-mixed frequencies "
+                             f"(reference.rope_mixed_freqs()), got {V.describe(rope_freqs)}")
     precision = _resolve_precision(precision)
     backend = resolve_backend(backend, q_proj.device)
     rows = ref.freqs_cis_at(positions, max_position, rope_freqs)
@@ -116,6 +124,30 @@ def _check_keys(compressed_k: torch.Tensor, L: int, B: int, device: torch.device
     V.same_device(device, compressed_k=compressed_k)
 
 
+def _check_prepared(prepared: PreparedQueries) -> None:
+    """A hand-built PreparedQueries must still be what the kernels index: q ``[L, B, H, 128]``
+    in the precision's storage dtype, w ``[L, B, H]``, both on one device."""
+    precisions, _ = _precisions()
+    V.choice("prepared.precision", prepared.precision, precisions)
+    V.choice("prepared.backend", prepared.backend, ("torch", "triton"))
+    q = V.tensor("prepared.q", prepared.q, floating=True, ndim=4)
+    w = V.tensor("prepared.w", prepared.w, floating=True, ndim=3)
+    L, B, H, D = q.shape
+    if D != C.HEAD_DIM:
+        raise ValueError(f"prepared.q last dim must be head_dim {C.HEAD_DIM}, got {V.describe(q)}")
+    if tuple(w.shape) != (L, B, H):
+        raise ValueError(f"prepared.w must be [L={L}, B={B}, H={H}] to match prepared.q, "
+                         f"got {V.describe(w)}")
+    V.same_device(q.device, **{"prepared.w": w})
+    if prepared.backend == "triton":
+        from .kernels.query_prep import query_out_dtype
+        want = query_out_dtype(prepared.precision)
+        if q.dtype != want:
+            raise TypeError(f"prepared.q for precision {prepared.precision!r} on the triton "
+                            f"backend must be {want} (as prepare_queries returns it), "
+                            f"got {V.describe(q)}")
+
+
 def score_prepared(prepared: PreparedQueries, compressed_k: torch.Tensor, *,
                    ensemble: str = "max", logit_offset: float = 0.0,
                    return_logits: bool = False, autotune: bool | None = None
@@ -128,7 +160,9 @@ def score_prepared(prepared: PreparedQueries, compressed_k: torch.Tensor, *,
     """
     if not isinstance(prepared, PreparedQueries):
         raise TypeError(f"prepared must come from prepare_queries, got {type(prepared).__name__}")
+    _check_prepared(prepared)
     V.choice("ensemble", ensemble, ENSEMBLES)
+    logit_offset = V.real_number("logit_offset", logit_offset)
     q, w = prepared.q, prepared.w
     L, B, H, D = q.shape
     _check_keys(compressed_k, L, B, q.device)
@@ -161,6 +195,12 @@ def score_chunks(q_proj: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
                  return_logits: bool = False, backend: str = "auto"
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`prepare_queries` then :func:`score_prepared`."""
+    # Keys and scoring options are checked here too, so nothing launches on bad input.
+    V.tensor("q_proj", q_proj, floating=True, ndims=(3, 4))
+    _check_keys(compressed_k, q_proj.shape[0] if q_proj.dim() == 4 else 1, q_proj.shape[-3],
+                q_proj.device)
+    V.choice("ensemble", ensemble, ENSEMBLES)
+    V.real_number("logit_offset", logit_offset)
     prepared = prepare_queries(q_proj, w, positions, max_position=max_position,
                                precision=precision, backend=backend)
     return score_prepared(prepared, compressed_k, ensemble=ensemble, logit_offset=logit_offset,
@@ -177,6 +217,9 @@ def project_queries(retriever, hidden: torch.Tensor) -> tuple[torch.Tensor, torc
     """
     L, R, H, D = retriever.n_layers, retriever.q_lora_rank, retriever.n_heads, retriever.head_dim
     wdt = retriever.dtype
+    # A strided hidden (e.g. column-major) could take another GEMM path and round differently;
+    # one small copy keeps the result independent of the layout, bit for bit.
+    hidden = hidden.contiguous()
     if hidden.dim() == 2:
         B = hidden.shape[0]
         flat = retriever.w_in.reshape(L * (R + H), -1)

@@ -64,7 +64,7 @@ class FlashMemoryRetriever(nn.Module):
         self.q_lora_rank = rank
         self.max_position = max_position
         self.backend = backend
-        self.logit_offset = float(logit_offset)
+        self.logit_offset = V.real_number("logit_offset", logit_offset)
         self.precision = precision
         if precision is not None:
             from .kernels import PRECISIONS
@@ -192,7 +192,13 @@ class FlashMemoryRetriever(nn.Module):
                     f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 with triton "
                     f"installed; the retriever is on {self.device} "
                     f"(triton installed: {_device.triton_available()})")
+            if self.head_dim != C.HEAD_DIM:
+                raise ValueError(f"backend='triton' supports head_dim {C.HEAD_DIM} only (the "
+                                 f"kernels' tile width), this retriever has head_dim "
+                                 f"{self.head_dim}; use backend='torch' or 'auto'")
             return "triton"
+        if self.head_dim != C.HEAD_DIM:
+            return "torch"
         return "triton" if _device.triton_runs_on(self.device) else "torch"
 
     def extra_repr(self) -> str:
@@ -284,6 +290,10 @@ class FlashMemoryRetriever(nn.Module):
         if (top_k is None) == (threshold is None):
             raise ValueError("select_topk needs exactly one of top_k or threshold, got "
                              f"top_k={top_k!r}, threshold={threshold!r}")
+        if threshold is not None:
+            threshold = V.real_number("threshold", threshold, finite=False)
+        elif isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be a non-negative int, got {top_k!r}")
         scores = self.ensemble(hidden, compressed_k, positions, mode=mode)
         if threshold is not None:
             return scores > threshold

@@ -201,6 +201,8 @@ def select_resident(scores: torch.Tensor, *, mode: str, n_chunks=None,
     V.choice("mode", mode, SELECT_MODES)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+    if threshold != threshold:  # NaN: no score would ever be a hit, silently
+        raise ValueError(f"threshold must be a number, got {threshold!r}")
     _nonneg_int("recent", recent)
     _nonneg_int("sink", sink)
     _positive_int("page_size", page_size)

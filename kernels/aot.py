@@ -26,8 +26,8 @@ from triton.compiler import ASTSource
 from flashmemory_triton import constants as C
 
 from . import PRECISIONS
-from .query_prep import query_prep_kernel
-from .score import fused_score_kernel
+from .query_prep import QUERY_BLOCK_H, query_prep_kernel
+from .score import fused_score_kernel, launch_config
 
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 PTX_MARKERS = {
@@ -71,24 +71,30 @@ def score_specializations(arch: str):
 
 def compile_score(arch: str, *, PRECISION: str, SHARED_KEYS: bool, ENSEMBLE_MEAN: bool,
                   WRITE_LOGITS: bool, HW_FP8: bool, L: int = 3, H_PAD: int = 128,
-                  BLOCK_N: int = 128, BLOCK_H: int = 64, ROW_WORDS: int = C.CHUNK_BYTES // 4,
-                  num_warps: int = 8, num_stages: int = 2):
+                  ROW_WORDS: int = C.CHUNK_BYTES // 4, **config):
+    """Compile one specialization with the launcher's own GPU launch parameters
+    (``score.launch_config``), or with ``config`` overrides (BLOCK_N, BLOCK_H, num_warps,
+    num_stages) when exploring."""
+    target = TARGETS[arch]
+    capability = divmod(target.arch, 10)
+    cfg = {**launch_config(1 << 20, H_PAD, PRECISION, capability), **config}
     q_type = "*bf16" if PRECISION in ("bf16", "fp8") else "*fp32"
     signature = {
         "kw_ptr": "*u8", "kf_ptr": "*fp32", "q_ptr": q_type, "w_ptr": "*fp32",
         "scores_ptr": "*fp32", "logits_ptr": "*fp32", "B": "i32", "N": "i32", "H": "i32",
         "stride_kl": "i64", "stride_kb": "i64", "stride_kn": "i64", "logit_offset": "fp32",
     }
-    constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
+    constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"], BLOCK_H=cfg["BLOCK_H"],
                       ROW_WORDS=ROW_WORDS, PRECISION=PRECISION, HW_FP8=HW_FP8,
                       SHARED_KEYS=SHARED_KEYS, ENSEMBLE_MEAN=ENSEMBLE_MEAN,
                       WRITE_LOGITS=WRITE_LOGITS, BF16_DOT_VIA_F32=False)
     for name in constexprs:
         signature[name] = "constexpr"
-    return _compile(fused_score_kernel, signature, constexprs, arch, num_warps, num_stages)
+    return _compile(fused_score_kernel, signature, constexprs, arch, cfg["num_warps"],
+                    cfg["num_stages"])
 
 
-def compile_query_prep(arch: str, *, FP8: bool, OUT_BF16: bool, BLOCK_H: int = 32):
+def compile_query_prep(arch: str, *, FP8: bool, OUT_BF16: bool, BLOCK_H: int = QUERY_BLOCK_H):
     signature = {"q_ptr": "*fp32", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
                  "q_out_ptr": "*bf16" if OUT_BF16 else "*fp32", "w_out_ptr": "*fp32",
                  "B": "i32", "H": "i32"}
@@ -131,15 +137,32 @@ def _resource_usage(compiled) -> dict:
             "local_bytes": int(found["LOCAL"])} if "REG" in found else {}
 
 
-def compile_all(archs=("sm_90", "sm_80")) -> list[dict]:
-    results = []
+def _jobs(archs):
     for arch in archs:
         for spec in score_specializations(arch):
-            results.append({"kernel": "fused_score", **spec, **compile_score(arch, **spec)})
+            yield "fused_score", arch, spec
         for fp8, out_bf16 in ((False, False), (False, True), (True, True)):
-            results.append({"kernel": "query_prep", "FP8": fp8, "OUT_BF16": out_bf16,
-                            **compile_query_prep(arch, FP8=fp8, OUT_BF16=out_bf16)})
-    return results
+            yield "query_prep", arch, {"FP8": fp8, "OUT_BF16": out_bf16}
+
+
+def _run_job(job) -> dict:
+    kernel, arch, spec = job
+    compile_fn = compile_score if kernel == "fused_score" else compile_query_prep
+    return {"kernel": kernel, **spec, **compile_fn(arch, **spec)}
+
+
+def compile_all(archs=("sm_90", "sm_80"), workers: int | None = None) -> list[dict]:
+    """Compile every specialization, ``workers`` processes at a time (default: one per core;
+    ptxas is single-threaded and an sm_80 build of the scorer takes a minute or two)."""
+    jobs = list(_jobs(archs))
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        return [_run_job(j) for j in jobs]
+    import concurrent.futures
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding compiler state
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return list(pool.map(_run_job, jobs))
 
 
 def main(argv=None) -> int:

@@ -93,6 +93,11 @@ def query_prep_kernel(
     tl.store(w_out_ptr + lb * H + heads, w, mask=hmask)
 
 
+# Heads per program: with 16 the three fp32 Hadamard dots fit in registers (32 spill 0.5-0.8 KB
+# a thread on sm_80 and sm_90, see kernels/aot.py), and tl.dot needs at least 16 rows.
+QUERY_BLOCK_H = 16
+
+
 def query_out_dtype(precision: str) -> torch.dtype:
     """Storage dtype of prepared q: bf16 for the bf16 and fp8 modes (fp8 values are exact in
     bf16, and the scoring kernel casts them to e4m3 where the hardware has it)."""
@@ -110,11 +115,10 @@ def prepare_query_launch(q: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, si
     w_out = alloc_output(w.shape, torch.float32, w.device)
     if q.numel() == 0:
         return q_out, w_out
-    block_h = max(16, min(triton.next_power_of_2(H), 32))  # tl.dot needs >= 16 rows
-    grid = (L * B, triton.cdiv(H, block_h))
+    grid = (L * B, triton.cdiv(H, QUERY_BLOCK_H))
     query_prep_kernel[grid](
         q, w, cos.contiguous().float(), sin.contiguous().float(), q_out, w_out, B, H,
-        D=D, ROPE=C.ROPE_DIM, BLOCK_H=block_h, FP8=precision == "fp8", OUT_BF16=q_out.dtype == torch.bfloat16,
+        D=D, ROPE=C.ROPE_DIM, BLOCK_H=QUERY_BLOCK_H, FP8=precision == "fp8", OUT_BF16=q_out.dtype == torch.bfloat16,
         FP8_MIN_AMAX=C.FP8_QUANT_MIN_AMAX, FP8_MAX=C.FP8_E4M3_MAX, num_warps=4,
     )
     return q_out, w_out

@@ -25,6 +25,8 @@ import triton.language as tl
 
 from flashmemory_triton import constants as C
 
+from flashmemory_triton.utils import _device
+
 from ._alloc import alloc_output
 from .numerics import e4m3_bits_to_f32
 
@@ -35,9 +37,23 @@ def _load_key_tile(kw_ptr, kf_ptr, key_row_words, nmask,
     """Load ``[BLOCK_N, D]`` e4m3 bytes and the scales of the rows at word offsets
     ``key_row_words`` (int64, in 4-byte words so the compiler knows every row is 4-byte
     aligned). Returns the dot operand, ``|scale|``, ``sign(scale)`` and a bad-row flag."""
+    return _load_key_tile_at(kw_ptr, kf_ptr, key_row_words * 4, key_row_words + D // 4, nmask,
+                             D, PRECISION, HW_FP8)
+
+
+@triton.jit
+def _load_key_tile_at(kb_ptr, kf_ptr, key_bytes, scale_words, nmask,
+                      D: tl.constexpr, PRECISION: tl.constexpr, HW_FP8: tl.constexpr):
+    """The tile loader for any layout: ``D`` e4m3 bytes of each chunk at byte offsets
+    ``key_bytes`` from ``kb_ptr`` (uint8) and its float32 scale at ``scale_words`` from
+    ``kf_ptr`` (float32), both int64 ``[BLOCK_N]``. The row format passes ``row * 132`` and
+    ``row * 33 + 32``; the paged split format (``kernels.paged``) the fp8 block and the scale
+    block of the chunk's page. Offsets written as multiples of 4 (or 16) let the compiler
+    issue word (vector) loads. Returns the dot operand, ``|scale|``, ``sign(scale)`` and a
+    bad-chunk flag (an e4m3 NaN byte or a non-finite scale)."""
     cols = tl.arange(0, D)
-    kb = tl.load(kw_ptr + key_row_words[:, None] * 4 + cols[None, :], mask=nmask[:, None], other=0)
-    scale = tl.load(kf_ptr + key_row_words + D // 4, mask=nmask, other=1.0)
+    kb = tl.load(kb_ptr + key_bytes[:, None] + cols[None, :], mask=nmask[:, None], other=0)
+    scale = tl.load(kf_ptr + scale_words, mask=nmask, other=1.0)
     nan_byte = tl.max(((kb & 0x7F) == 0x7F).to(tl.int32), axis=1) > 0
     bad = nan_byte | (scale != scale) | (tl.abs(scale) == float("inf"))
     if PRECISION == "fp8":
@@ -57,6 +73,68 @@ def _load_key_tile(kw_ptr, kf_ptr, key_row_words, nmask,
             k = e4m3_bits_to_f32(kb)
     sign = tl.where(scale < 0, -1.0, 1.0)
     return k, tl.abs(scale), sign, bad
+
+
+@triton.jit
+def _layer_logit(k, abs_scale, sign, bad, q_ptr, w_ptr, lb, H, logit_offset,
+                 D: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, HW_FP8: tl.constexpr,
+                 BF16_DOT_VIA_F32: tl.constexpr):
+    """One layer's logits ``[BLOCK_N]`` for a key tile from ``_load_key_tile(_at)``, against
+    the prepared q/w of (layer, row) ``lb = l * B + b`` (int64): per head block one
+    tensor-core dot, then ``|s| * sum_h relu(sign(s) * dot) * w_h + offset`` in registers;
+    bad chunks are NaN."""
+    cols = tl.arange(0, D)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for h0 in tl.static_range(0, H_PAD, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        hmask = heads < H
+        q = tl.load(q_ptr + (lb * H + heads.to(tl.int64))[:, None] * D + cols[None, :],
+                    mask=hmask[:, None], other=0.0)
+        w = tl.load(w_ptr + lb * H + heads, mask=hmask, other=0.0)
+        if PRECISION == "fp8":
+            if HW_FP8:
+                q = q.to(tl.float32).to(tl.float8e4nv)  # exact: q holds e4m3 values
+                s = tl.dot(k, tl.trans(q))
+            elif BF16_DOT_VIA_F32:
+                s = tl.dot(k.to(tl.float32), tl.trans(q).to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(k, tl.trans(q))
+        elif PRECISION == "bf16":
+            if BF16_DOT_VIA_F32:
+                # bf16 x bf16 products are exact in fp32: same result as the bf16 dot
+                s = tl.dot(k.to(tl.float32), tl.trans(q).to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(k, tl.trans(q))
+        elif PRECISION == "tf32":
+            s = tl.dot(k, tl.trans(q), input_precision="tf32")
+        else:
+            s = tl.dot(k, tl.trans(q), input_precision="ieee")
+        s = tl.maximum(s * sign[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
+        acc += tl.sum(s * w[None, :], axis=1)
+    logit = acc * abs_scale + logit_offset
+    return tl.where(bad, float("nan"), logit)
+
+
+@triton.jit
+def _ensemble_init(BLOCK_N: tl.constexpr, ENSEMBLE_MEAN: tl.constexpr):
+    if ENSEMBLE_MEAN:
+        ens = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        ens = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    return ens
+
+
+@triton.jit
+def _ensemble_add(ens, logit, ENSEMBLE_MEAN: tl.constexpr):
+    """Fold one layer's logits into the running ensemble (sum of sigmoids, or NaN-aware max;
+    the caller divides the sum by L)."""
+    sig = 1.0 / (1.0 + tl.exp(-logit))
+    if ENSEMBLE_MEAN:
+        ens = ens + sig
+    else:
+        ens = tl.maximum(ens, sig, propagate_nan=tl.PropagateNan.ALL)
+    return ens
 
 
 @triton.jit
@@ -81,59 +159,31 @@ def fused_score_kernel(
     else:
         row_words = n * stride_kn
     row_words = row_words + b * stride_kb
+    ens = _ensemble_init(BLOCK_N, ENSEMBLE_MEAN)
 
     if SHARED_KEYS:
+        # One tile, every layer: unrolled so the tile stays in registers across layers.
         k, abs_scale, sign, bad = _load_key_tile(kw_ptr, kf_ptr, row_words, nmask,
                                                  D, PRECISION, HW_FP8)
-    cols = tl.arange(0, D)
-    if ENSEMBLE_MEAN:
-        ens = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for l in tl.static_range(L):
+            logit = _layer_logit(k, abs_scale, sign, bad, q_ptr, w_ptr, l * B + b, H,
+                                 logit_offset, D, H_PAD, BLOCK_N, BLOCK_H, PRECISION, HW_FP8,
+                                 BF16_DOT_VIA_F32)
+            if WRITE_LOGITS:
+                tl.store(logits_ptr + (l * B + b) * N + n, logit, mask=nmask)
+            ens = _ensemble_add(ens, logit, ENSEMBLE_MEAN)
     else:
-        ens = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-
-    for l in tl.static_range(L):
-        if not SHARED_KEYS:
+        # One tile per layer: a runtime loop, so at most the next layer's tile is loaded
+        # ahead (an unrolled loop lets the compiler issue all L tiles up front and spill).
+        for l in range(L):
             k, abs_scale, sign, bad = _load_key_tile(kw_ptr, kf_ptr, row_words + l * stride_kl,
                                                      nmask, D, PRECISION, HW_FP8)
-        lb = l * B + b
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for h0 in tl.static_range(0, H_PAD, BLOCK_H):
-            heads = h0 + tl.arange(0, BLOCK_H)
-            hmask = heads < H
-            q = tl.load(q_ptr + (lb * H + heads.to(tl.int64))[:, None] * D + cols[None, :],
-                        mask=hmask[:, None], other=0.0)
-            w = tl.load(w_ptr + lb * H + heads, mask=hmask, other=0.0)
-            if PRECISION == "fp8":
-                if HW_FP8:
-                    q = q.to(tl.float32).to(tl.float8e4nv)  # exact: q holds e4m3 values
-                    s = tl.dot(k, tl.trans(q))
-                elif BF16_DOT_VIA_F32:
-                    s = tl.dot(k.to(tl.float32), tl.trans(q).to(tl.float32),
-                               input_precision="ieee")
-                else:
-                    s = tl.dot(k, tl.trans(q))
-            elif PRECISION == "bf16":
-                if BF16_DOT_VIA_F32:
-                    # bf16 x bf16 products are exact in fp32: same result as the bf16 dot
-                    s = tl.dot(k.to(tl.float32), tl.trans(q).to(tl.float32),
-                               input_precision="ieee")
-                else:
-                    s = tl.dot(k, tl.trans(q))
-            elif PRECISION == "tf32":
-                s = tl.dot(k, tl.trans(q), input_precision="tf32")
-            else:
-                s = tl.dot(k, tl.trans(q), input_precision="ieee")
-            s = tl.maximum(s * sign[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
-            acc += tl.sum(s * w[None, :], axis=1)
-        logit = acc * abs_scale + logit_offset
-        logit = tl.where(bad, float("nan"), logit)
-        if WRITE_LOGITS:
-            tl.store(logits_ptr + (l * B + b) * N + n, logit, mask=nmask)
-        sig = 1.0 / (1.0 + tl.exp(-logit))
-        if ENSEMBLE_MEAN:
-            ens += sig
-        else:
-            ens = tl.maximum(ens, sig, propagate_nan=tl.PropagateNan.ALL)
+            logit = _layer_logit(k, abs_scale, sign, bad, q_ptr, w_ptr, l * B + b, H,
+                                 logit_offset, D, H_PAD, BLOCK_N, BLOCK_H, PRECISION, HW_FP8,
+                                 BF16_DOT_VIA_F32)
+            if WRITE_LOGITS:
+                tl.store(logits_ptr + (l * B + b) * N + n, logit, mask=nmask)
+            ens = _ensemble_add(ens, logit, ENSEMBLE_MEAN)
     if ENSEMBLE_MEAN:
         ens = ens / L
     tl.store(scores_ptr + b * N + n, ens, mask=nmask)
@@ -152,18 +202,27 @@ def key_views(compressed_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k, k.view(torch.float32)
 
 
-def launch_config(N: int, H_pad: int, precision: str, device: torch.device) -> dict:
+def launch_config(N: int, H_pad: int, precision: str,
+                  capability: tuple[int, int] | None) -> dict:
     """Launch parameters by shape class (no autotuning).
 
-    GPU: 128-chunk tiles, 8 warps, heads in blocks of 64 so the fp32 accumulator of one dot
-    is [128, 64] (32 registers a thread) and the key tile stays resident across the layers.
-    Interpreter: the largest tile that fits N (each program is a numpy step; fewer is faster).
+    GPU, chosen from the compiled resource usage (``python -m flashmemory_triton.kernels.aot``;
+    every default below is spill-free, which ``tests/test_compile.py`` enforces):
+    * sm_90: 128-chunk tiles, 8 warps, heads in blocks of 64 (a [128, 64] fp32 accumulator,
+      32 registers a thread; 187-255 registers in all); tf32/fp32 hold an fp32 key tile, twice
+      the operand registers, so their heads go in blocks of 32.
+    * before Hopper (sm_8x: mma.sync, and on sm_80 the integer e4m3 decode): 64-chunk tiles,
+      4 warps, heads in blocks of 32; 128-chunk tiles or 64-head blocks spill there.
+    ``capability`` None means the interpreter: the largest tile that fits N (each program is a
+    numpy step; fewer is faster).
     """
-    if device.type != "cuda":
+    if capability is None:
         return dict(BLOCK_N=min(128, max(16, triton.next_power_of_2(max(N, 1)))),
                     BLOCK_H=min(H_pad, 128), num_warps=4, num_stages=1)
-    block_h = min(H_pad, 64)
-    return dict(BLOCK_N=128, BLOCK_H=block_h, num_warps=8, num_stages=2)
+    if capability < (9, 0):
+        return dict(BLOCK_N=64, BLOCK_H=min(H_pad, 32), num_warps=4, num_stages=2)
+    block_h = 32 if precision in ("tf32", "fp32") else 64
+    return dict(BLOCK_N=128, BLOCK_H=min(H_pad, block_h), num_warps=8, num_stages=2)
 
 
 def autotune_configs():
@@ -222,7 +281,7 @@ def fused_score_launch(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Ten
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B)  # noqa: E731
         kernel[grid](*args, **common)
     else:
-        cfg = launch_config(N, H_pad, precision, device)
+        cfg = launch_config(N, H_pad, precision, _device.capability(device))
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), B)
         fused_score_kernel[grid](*args, **common, **cfg)
     return scores, logits

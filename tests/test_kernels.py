@@ -318,3 +318,30 @@ def test_backend_errors_are_clear(device):
         ops.prepare_queries(torch.zeros(1, 1, 16, C.HEAD_DIM, device=device),
                             torch.zeros(1, 1, 16, device=device),
                             torch.zeros(1, dtype=torch.long, device=device), precision="int4")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_triton_backend_on_release_format_checkpoint(tmp_path, suffix, device):
+    """A checkpoint written in the release's exact format (joint keys, a bf16-stored copy
+    too), loaded through from_checkpoint: the Triton backend reproduces the torch backend's
+    logits, threshold decisions (up to near-ties) and top-k sizes."""
+    from flashmemory_triton import FlashMemoryRetriever, synthetic
+    path = synthetic.write_checkpoint(tmp_path / f"ckpt{suffix}", hidden=128, rank=32,
+                                      n_heads=16, seed=3, freqs_cis_max_position=64 if suffix == ".pt" else 0)
+    gen = _gen(3)
+    B, N = 2, 300
+    hidden = synthetic.mock_hidden(B, hidden=128, generator=gen).to(device)
+    keys = synthetic.mock_compressed_k(B, N, generator=gen).to(device)
+    pos = torch.tensor([4 * N - 1, 3 * C.MAX_POSITION_RELEASE], device=device)
+    mt = FlashMemoryRetriever.from_checkpoint(path, device=device, backend="triton")
+    mr = FlashMemoryRetriever.from_checkpoint(path, device=device, backend="torch")
+    got, want = mt.logits(hidden, keys, pos), mr.logits(hidden, keys, pos)
+    assert_close(got.cpu(), want.cpu(), MODE_RTOL[mt.precision or "bf16"], "logits")
+    got_hit = mt.select_topk(hidden, keys, pos, threshold=0.5)
+    want_hit = mr.select_topk(hidden, keys, pos, threshold=0.5)
+    # bf16 budget (1e-2 relative RMS) x 6: beyond that a flip is not a near-tie.
+    margin = 6 * 1e-2 * float(want.pow(2).mean().sqrt())
+    near = (want.abs() <= margin).any(0).cpu()
+    flips = (got_hit != want_hit).cpu()
+    assert bool((~flips | near).all()), f"{int((flips & ~near).sum())} threshold flips not near-ties"
+    assert 0 < int(want_hit.sum()) < B * N, "synthetic weights should keep a minority"
