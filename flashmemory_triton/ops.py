@@ -234,9 +234,16 @@ def project_queries(retriever, hidden: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def score_hidden(retriever, hidden, compressed_k, positions, *, ensemble="max",
-                 return_logits=False):
-    """The retriever's Triton path: batched projections, query kernel, fused scorer."""
+                 return_logits=False, layer: int | None = None):
+    """The retriever's Triton path: batched projections, query kernel, fused scorer.
+
+    ``layer`` scores that layer alone (``score_layer``): the projections stay batched (they are
+    small), but only its queries and its key buffer reach the kernels."""
     q, w = project_queries(retriever, hidden)
+    if layer is not None:
+        q, w = q[layer:layer + 1], w[layer:layer + 1]
+        if compressed_k.dim() == 4:
+            compressed_k = compressed_k[layer:layer + 1]
     prepared = prepare_queries(q, w, positions, max_position=retriever.max_position,
                                precision=retriever.precision, backend="triton",
                                rope_freqs=retriever.rope_freqs)

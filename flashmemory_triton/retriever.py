@@ -266,7 +266,9 @@ class FlashMemoryRetriever(nn.Module):
         i = self._layer_index(name)
         per_h, per_k, _, _ = self._check_inputs(hidden, compressed_k, positions)
         if self.resolved_backend() == "triton":
-            logit = self.logits(hidden, compressed_k, positions)[i]
+            from .ops import score_hidden
+            logit = score_hidden(self, hidden, compressed_k, positions, return_logits=True,
+                                 layer=i)[1][0]
         else:
             logit = self._torch_layer(i, hidden, compressed_k, positions, per_h, per_k)
         return torch.sigmoid(logit) if apply_sigmoid else logit
