@@ -47,6 +47,13 @@ from .selection import ResidentSet, pages_from_mask
 __all__ = ["ChunkHistory", "OffloadEngine", "CycleStats", "OffloadPlan"]
 
 
+def _has_data(name: str, t: torch.Tensor) -> None:
+    """Any real device is fine (the engine moves what it reads); ``meta`` holds no values."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (no data); the engine needs its values "
+                         f"on cpu or cuda, got {V.describe(t)}")
+
+
 def _bytes_view(t: torch.Tensor, lead: int) -> torch.Tensor:
     """``[*lead_dims, *row_shape]`` any dtype -> uint8 ``[*lead_dims, row_bytes]`` (no copy
     when contiguous)."""
@@ -271,6 +278,7 @@ class OffloadEngine:
     def _resident_mask(self, resident) -> torch.Tensor:
         mask = resident.mask if isinstance(resident, ResidentSet) else resident
         V.tensor("resident mask", mask, dtype=torch.bool, ndim=2)
+        _has_data("resident mask", mask)
         if mask.shape[0] != self.batch:
             raise ValueError(f"resident mask must be [{self.batch}, N], got {V.describe(mask)}")
         return mask
@@ -443,6 +451,7 @@ class OffloadEngine:
         non-resident chunks read as zeros. Only the device reserve is touched.
         """
         V.tensor("chunks", chunks, integer=True, ndim=2)
+        _has_data("chunks", chunks)
         if chunks.shape[0] != self.batch:
             raise ValueError(f"chunks must be [{self.batch}, S], got {V.describe(chunks)}")
         chunks = chunks.to(self.device, torch.int64)

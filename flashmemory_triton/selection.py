@@ -149,15 +149,6 @@ def _positive_int(name, value):
     return value
 
 
-def _values_readable(device: torch.device) -> bool:
-    """May we read tensor values (a host sync) here? Never on meta, never while capturing."""
-    if device.type == "meta":
-        return False
-    if device.type == "cuda":
-        return not torch.cuda.is_current_stream_capturing()
-    return True
-
-
 def _row_lengths(n_chunks, B: int, N: int, device: torch.device) -> torch.Tensor:
     """``n_chunks`` (None, int or int tensor ``[B]``) -> int64 ``[B]`` on ``device``."""
     if n_chunks is None:
@@ -173,7 +164,7 @@ def _row_lengths(n_chunks, B: int, N: int, device: torch.device) -> torch.Tensor
     if n_chunks.device != device:
         raise ValueError(f"n_chunks is on {n_chunks.device} but scores are on {device}")
     n = n_chunks.to(torch.int64)
-    if _values_readable(device) and B:
+    if V.values_readable(device) and B:
         lo, hi = int(n.min()), int(n.max())
         if lo < 0 or hi > N:
             raise ValueError(f"n_chunks values must be in [0, N={N}] (N = scores.shape[1]), "

@@ -195,10 +195,12 @@ def _words(stride_bytes: int) -> int:
 
 def key_views(compressed_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Byte and float32 views of one key buffer (same storage). Strided inputs whose byte
-    strides are multiples of 4 are used in place; anything else is made contiguous."""
+    strides and storage offset are multiples of 4 are used in place; anything else is copied
+    (``clone``, not ``contiguous``: a contiguous view at an odd byte offset is its own
+    ``.contiguous()`` and still could not be read as float32 words)."""
     k = compressed_k
     if k.stride(-1) != 1 or any(s % 4 for s in k.stride()[:-1]) or k.storage_offset() % 4:
-        k = k.contiguous()
+        k = k.clone(memory_format=torch.contiguous_format)
     return k, k.view(torch.float32)
 
 
