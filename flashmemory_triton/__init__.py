@@ -3,7 +3,7 @@
 Importing this package never touches CUDA; kernels compile on first use.
 """
 
-from . import constants
+from . import constants, paged
 from .reference import (apply_rope, dequant_compressed_k, hadamard_transform,
                         precompute_freqs_cis)
 from .retriever import FlashMemoryRetriever, topk_mask
@@ -19,6 +19,7 @@ __all__ = [
     "constants",
     "dequant_compressed_k",
     "hadamard_transform",
+    "paged",
     "precompute_freqs_cis",
     "select_resident",
     "topk_mask",

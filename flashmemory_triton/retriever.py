@@ -301,6 +301,80 @@ class FlashMemoryRetriever(nn.Module):
             return scores > threshold
         return topk_mask(scores, top_k)
 
+    # --- serving batches: paged split-format pools and varlen rows (flashmemory_triton.paged) --
+    def score_paged(self, hidden, pools, page_table, n_chunks, positions, *, mode: str = "max",
+                    return_logits: bool = False, max_chunks: int | None = None):
+        """Score a serving batch whose keys live in paged split-format pools, in one launch.
+
+        ``hidden`` ``[B, hidden]`` (shared) or ``[L, B, hidden]`` (each layer's own input, as
+        serving); ``pools`` ``[P, 8448]`` (one pool for every layer), ``[L, P, 8448]`` or a list
+        of ``L`` per-layer pools (read in place); ``page_table [B, max_pages]`` and ``n_chunks
+        [B]`` (int32/int64); ``positions [B]`` token positions. Returns a
+        :class:`~flashmemory_triton.paged.BatchScores`: ``scores [B, max_chunks]`` (0 past each
+        request's length; ``max_chunks`` defaults to ``64 * max_pages``), per-layer ``logits``
+        (``-inf`` past it) if ``return_logits``, and ``n_chunks``; pass it to
+        :func:`~flashmemory_triton.select_resident` as is. See :mod:`flashmemory_triton.paged`.
+        """
+        from . import paged as P
+        V.choice("mode", mode, ENSEMBLE_MODES)
+        if self.resolved_backend() == "triton":
+            self._check_hidden(hidden, positions, page_table.shape[0]
+                               if isinstance(page_table, torch.Tensor) else None)
+            return P.score_hidden_paged(self, hidden, pools, page_table, n_chunks, positions,
+                                        ensemble=mode, return_logits=return_logits,
+                                        max_chunks=max_chunks)
+        rows = P.pool_to_rows(pools, page_table, n_chunks, max_chunks)
+        return self._score_rows_batch(hidden, rows, positions, n_chunks.to(torch.int64), mode,
+                                      return_logits)
+
+    def score_varlen(self, hidden, keys, cu_chunks, positions, *, mode: str = "max",
+                     return_logits: bool = False, max_chunks: int | None = None):
+        """Score a serving batch of variable-length row-format keys, in one launch.
+
+        ``keys`` ``[total, 132]`` (every layer), ``[L, total, 132]`` or a list of ``L``
+        per-layer buffers; request ``b`` owns rows ``cu_chunks[b] .. cu_chunks[b + 1] - 1``.
+        ``max_chunks`` (output width) defaults to the longest request (a host read of
+        ``cu_chunks``). Otherwise as :meth:`score_paged`.
+        """
+        from . import paged as P
+        V.choice("mode", mode, ENSEMBLE_MODES)
+        if self.resolved_backend() == "triton":
+            self._check_hidden(hidden, positions, cu_chunks.shape[0] - 1
+                               if isinstance(cu_chunks, torch.Tensor) else None)
+            return P.score_hidden_varlen(self, hidden, keys, cu_chunks, positions, ensemble=mode,
+                                         return_logits=return_logits, max_chunks=max_chunks)
+        rows = P.varlen_to_rows(keys, cu_chunks, max_chunks)
+        cu = cu_chunks.to(torch.int64)
+        return self._score_rows_batch(hidden, rows, positions, cu[1:] - cu[:-1], mode,
+                                      return_logits)
+
+    def _check_hidden(self, hidden, positions, batch):
+        """The hidden/positions half of :meth:`_check_inputs` (keys are checked by the op)."""
+        V.tensor("hidden", hidden, floating=True, ndims=(2, 3))
+        if hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden last dim must be the weights' hidden size "
+                             f"{self.hidden_size}, got {V.describe(hidden)}")
+        if hidden.dim() == 3 and hidden.shape[0] != self.n_layers:
+            raise ValueError(f"per-layer hidden must be [L={self.n_layers}, B, "
+                             f"{self.hidden_size}] (layers {self.layer_names}), got "
+                             f"{V.describe(hidden)}")
+        if batch is not None and hidden.shape[-2] != batch:
+            raise ValueError(f"hidden batch {hidden.shape[-2]} does not match the key batch's "
+                             f"{batch} requests (hidden {V.describe(hidden)})")
+        V.tensor("positions", positions, integer=True, ndim=1)
+        V.same_device(self.device, hidden=hidden, positions=positions)
+        V.positions("positions", positions, hidden.shape[-2])
+
+    def _score_rows_batch(self, hidden, rows, positions, n_chunks, mode, return_logits):
+        """Torch backend of the batched paths: the reference on padded rows, then the fill."""
+        from .paged import BatchScores
+        logits = self.logits(hidden, rows, positions)
+        M = logits.shape[-1]
+        real = torch.arange(M, device=logits.device)[None, :] < n_chunks[:, None]
+        logits = torch.where(real[None], logits, torch.full_like(logits, float("-inf")))
+        scores = ref.ensemble_scores(torch.sigmoid(logits), mode)
+        return BatchScores(scores, logits if return_logits else None, n_chunks)
+
 
 def topk_mask(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     """Keep-mask of the ``top_k`` highest scores per row; lower index wins ties; NaN never kept."""

@@ -41,7 +41,7 @@ from .retriever import topk_mask
 SELECT_MODES = ("chunk", "page", "topk")
 
 __all__ = ["SELECT_MODES", "ResidentSet", "ThresholdFallback", "select_resident",
-           "pages_from_mask"]
+           "pages_from_mask", "engine_page_ids"]
 
 
 @dataclass
@@ -77,6 +77,18 @@ class ResidentSet:
     def page_mask(self, page_size: int | None = None) -> torch.Tensor:
         """bool ``[B, ceil(N / page_size)]``: pages holding at least one resident chunk."""
         return pages_from_mask(self.mask, page_size or self.page_size)
+
+    def engine_pages(self, page_table: torch.Tensor) -> torch.Tensor:
+        """Page mode: the chosen pages as the ENGINE's page ids, ``page_table[b, pages[b]]``
+        (int64 ``[B, max_pages]``, same order as ``pages``, -1 padded). ``pages`` holds the
+        request's logical page indices (page ``j`` = chunks ``64 j .. 64 j + 63``)."""
+        if self.pages is None:
+            raise ValueError(f"engine_pages needs a page-mode ResidentSet, this one is "
+                             f"mode={self.mode!r}")
+        if self.page_size != C.PAGE_CHUNKS:
+            raise ValueError(f"engine_pages maps pages of {C.PAGE_CHUNKS} chunks (the pool's "
+                             f"page), this selection used page_size={self.page_size}")
+        return engine_page_ids(self.pages, page_table)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -123,6 +135,29 @@ class ThresholdFallback:
         self.total_hits *= keep
         self.total_chunks *= keep
         self.active &= keep
+
+
+def engine_page_ids(pages: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+    """Logical page indices ``pages [B, K]`` (-1 padded, as ``ResidentSet.pages``) -> the
+    engine's page ids through ``page_table [B, max_pages]`` (int32/int64), int64 ``[B, K]``,
+    -1 where ``pages`` is -1. Pure tensor work (graph-safe); an index past the table is a
+    ValueError when values are readable."""
+    V.tensor("pages", pages, integer=True, ndim=2)
+    V.tensor("page_table", page_table, dtypes=(torch.int32, torch.int64), ndim=2)
+    if pages.shape[0] != page_table.shape[0]:
+        raise ValueError(f"pages and page_table must have the same batch, got "
+                         f"{V.describe(pages)} and {V.describe(page_table)}")
+    if pages.device != page_table.device:
+        raise ValueError(f"page_table is on {page_table.device} but pages are on {pages.device}")
+    if V.values_readable(pages.device) and pages.numel() and \
+            int(pages.max()) >= page_table.shape[1]:
+        raise ValueError(f"pages hold index {int(pages.max())} but page_table has only "
+                         f"{page_table.shape[1]} pages a row")
+    if pages.shape[1] == 0 or page_table.shape[1] == 0:
+        return torch.full(pages.shape, -1, dtype=torch.int64, device=pages.device)
+    idx = pages.to(torch.int64).clamp(0, page_table.shape[1] - 1)
+    ids = page_table.to(torch.int64).gather(1, idx)
+    return torch.where(pages >= 0, ids, torch.full_like(ids, -1))
 
 
 def pages_from_mask(mask: torch.Tensor, page_size: int = C.PAGE_CHUNKS) -> torch.Tensor:
@@ -187,7 +222,16 @@ def select_resident(scores: torch.Tensor, *, mode: str, n_chunks=None,
     ``max_resident`` applies to chunk mode only, ``top_k`` (required) to topk mode only.
     ``fallback``: a :class:`ThresholdFallback` updated with this cycle's hits; its active rows
     get every real chunk.
+
+    ``scores`` may also be the :class:`~flashmemory_triton.paged.BatchScores` of a paged or
+    varlen batch (``score_paged`` / ``score_varlen``): its padded scores are used with its
+    ``n_chunks`` (unless ``n_chunks`` is given).
     """
+    if isinstance(scores, tuple) and getattr(scores, "_fields", None) == \
+            ("scores", "logits", "n_chunks"):
+        if n_chunks is None:
+            n_chunks = scores.n_chunks
+        scores = scores.scores
     V.tensor("scores", scores, floating=True, ndim=2)
     V.choice("mode", mode, SELECT_MODES)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):

@@ -41,6 +41,7 @@ PTX_MARKERS = {
     "cvt_e4m3": r"cvt[^\n]*e4m3",
     "ld_global_b32": r"ld\.global[^\n]*\.b32",
     "ld_global_u8": r"ld\.global[^\n]*\.u8",
+    "ld_global_v4": r"ld\.global[^\n]*\.v4\.b32",
 }
 
 
@@ -94,6 +95,64 @@ def compile_score(arch: str, *, PRECISION: str, SHARED_KEYS: bool, ENSEMBLE_MEAN
                     cfg["num_stages"])
 
 
+def batched_specializations(arch: str):
+    """The batched (paged / varlen) scorer's specializations (``kernels.paged``), at the GPU
+    launch parameters of ``score.launch_config``. sm_90: paged with every precision and both
+    key layouts (shared pool, per-layer pools), paged with the mean ensemble and per-layer
+    logits, the int64 page-table variant, and varlen rows in both layouts. sm_80: the decode
+    fallback (bf16) paged, both layouts (each sm_80 build takes ptxas a minute or more)."""
+    if arch == "sm_80":
+        for shared in (True, False):
+            yield dict(PAGED=True, PRECISION="bf16", SHARED_KEYS=shared, ENSEMBLE_MEAN=False,
+                       WRITE_LOGITS=False, HW_FP8=False, INDEX="i32")
+        return
+    for precision in PRECISIONS:
+        for shared in (True, False):
+            yield dict(PAGED=True, PRECISION=precision, SHARED_KEYS=shared, ENSEMBLE_MEAN=False,
+                       WRITE_LOGITS=False, HW_FP8=True, INDEX="i32")
+    yield dict(PAGED=True, PRECISION="bf16", SHARED_KEYS=True, ENSEMBLE_MEAN=True,
+               WRITE_LOGITS=True, HW_FP8=True, INDEX="i64")
+    for shared in (True, False):
+        yield dict(PAGED=False, PRECISION="bf16", SHARED_KEYS=shared, ENSEMBLE_MEAN=False,
+                   WRITE_LOGITS=False, HW_FP8=True, INDEX="i64")
+
+
+def compile_batched(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: bool,
+                    ENSEMBLE_MEAN: bool, WRITE_LOGITS: bool, HW_FP8: bool, INDEX: str = "i32",
+                    L: int = 3, H_PAD: int = 128, BLOCK_B: int | None = None, **config):
+    """Compile one specialization of ``paged.batched_score_kernel`` (the launcher's GPU
+    parameters, or ``config`` overrides). ``INDEX``: dtype of the page table and lengths.
+    ``BLOCK_B`` defaults to the largest the launcher uses (``MAX_ROWS`` requests)."""
+    from .paged import (FILL_N, MAX_ROWS, PAGED_LAYER_UNIT, VARLEN_LAYER_UNIT,
+                        batched_launch_config, batched_score_kernel)
+    BLOCK_B = BLOCK_B or MAX_ROWS
+    target = TARGETS[arch]
+    cfg = {**batched_launch_config(1 << 20, H_PAD, PRECISION, divmod(target.arch, 10), PAGED),
+           **config}
+    q_type = "*bf16" if PRECISION in ("bf16", "fp8") else "*fp32"
+    signature = {
+        "kb_ptr": "*u8", "kf_ptr": "*fp32", "layer_off_ptr": "*i64", "table_ptr": f"*{INDEX}",
+        "len_ptr": f"*{INDEX}", "q_ptr": q_type, "w_ptr": "*fp32", "scores_ptr": "*fp32",
+        "logits_ptr": "*fp32", "B": "i32", "B_q": "i32", "row0": "i32", "H": "i32",
+        "max_chunks": "i32", "limit": "i32", "max_pages": "i32", "stride_tb": "i32",
+        "stride_tp": "i32", "stride_sb": "i32", "stride_ll": "i32", "stride_lb": "i32",
+        "logit_offset": "fp32",
+    }
+    constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"],
+                      BLOCK_H=cfg["BLOCK_H"], BLOCK_B=BLOCK_B, FILL_N=FILL_N,
+                      LAYER_UNIT=PAGED_LAYER_UNIT if PAGED else VARLEN_LAYER_UNIT, PAGED=PAGED,
+                      PRECISION=PRECISION, HW_FP8=HW_FP8, SHARED_KEYS=SHARED_KEYS,
+                      ENSEMBLE_MEAN=ENSEMBLE_MEAN, WRITE_LOGITS=WRITE_LOGITS,
+                      BF16_DOT_VIA_F32=False, WHILE_LOOP=False)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    # Every tensor comes from a torch allocation (16-byte aligned: the launcher's pointer
+    # specialization); the pool's 16-byte alignment is checked by ``paged.page_pools``.
+    aligned = [name for name, ty in signature.items() if ty.startswith("*")]
+    return _compile(batched_score_kernel, signature, constexprs, arch, cfg["num_warps"],
+                    cfg["num_stages"], aligned=aligned)
+
+
 def compile_query_prep(arch: str, *, FP8: bool, OUT_BF16: bool, BLOCK_H: int = QUERY_BLOCK_H):
     signature = {"q_ptr": "*fp32", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
                  "q_out_ptr": "*bf16" if OUT_BF16 else "*fp32", "w_out_ptr": "*fp32",
@@ -105,8 +164,12 @@ def compile_query_prep(arch: str, *, FP8: bool, OUT_BF16: bool, BLOCK_H: int = Q
     return _compile(query_prep_kernel, signature, constexprs, arch, 4, 1)
 
 
-def _compile(fn, signature, constexprs, arch, num_warps, num_stages):
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+def _compile(fn, signature, constexprs, arch, num_warps, num_stages, aligned=()):
+    # ``aligned``: arguments the runtime launcher specializes as 16-byte aligned (pointers from
+    # torch allocations, ints divisible by 16), which lets the compiler emit vector loads.
+    names = list(signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=TARGETS[arch],
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
@@ -143,11 +206,14 @@ def _jobs(archs):
             yield "fused_score", arch, spec
         for fp8, out_bf16 in ((False, False), (False, True), (True, True)):
             yield "query_prep", arch, {"FP8": fp8, "OUT_BF16": out_bf16}
+        for spec in batched_specializations(arch):
+            yield "batched_score", arch, spec
 
 
 def _run_job(job) -> dict:
     kernel, arch, spec = job
-    compile_fn = compile_score if kernel == "fused_score" else compile_query_prep
+    compile_fn = {"fused_score": compile_score, "query_prep": compile_query_prep,
+                  "batched_score": compile_batched}[kernel]
     return {"kernel": kernel, **spec, **compile_fn(arch, **spec)}
 
 

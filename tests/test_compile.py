@@ -86,3 +86,43 @@ def test_every_layout_and_epilogue_compiled(compiled):
         got = {r["SHARED_KEYS"] for r in _pick(compiled, kernel="fused_score", arch="sm_80",
                                                PRECISION=precision)}
         assert got == {True, False}
+
+
+# --- batched (paged / varlen) scorer: kernels/paged.py -------------------------------------------
+BATCHED_CASES = [pytest.param("sm_90", p, id=f"sm_90-{p}") for p in PRECISIONS] + [
+    pytest.param("sm_80", "bf16", id="sm_80-bf16")]
+
+
+@pytest.mark.parametrize("arch,precision", BATCHED_CASES)
+def test_batched_kernel_instructions(compiled, arch, precision):
+    """Same instruction and resource rules as the row-format scorer, plus: paged fp8 rows
+    (128 bytes at 128-byte offsets in a page) are read with 16-byte vector loads."""
+    for r in _pick(compiled, kernel="batched_score", arch=arch, PRECISION=precision):
+        ptx = r["ptx"]
+        tag = f"{arch}/{precision}/paged={r['PAGED']}/shared={r['SHARED_KEYS']}"
+        if precision == "fp32":
+            assert not ptx["wgmma"] and not ptx["mma_sync"], tag
+        else:
+            assert ptx[EXPECTED_MMA[(arch, precision)]], f"{tag}: expected {EXPECTED_MMA[(arch, precision)]}"
+        if arch == "sm_80":
+            assert not ptx["cvt_e4m3"], f"{tag}: sm_80 has no e4m3 type; bits must be decoded"
+        assert not ptx["ld_global_u8"], f"{tag}: key bytes read one at a time"
+        if r["PAGED"]:
+            assert ptx["ld_global_v4"], f"{tag}: paged fp8 rows not read with 16-byte loads"
+        if precision != "fp32":  # the exact fp32 mode is exempt, as for the row-format scorer
+            assert r.get("local_bytes", 0) == 0 and r.get("stack_bytes", 0) == 0, f"{tag}: spills {r}"
+        assert r["shared_bytes"] <= SMEM_LIMIT[arch], f"{tag}: {r['shared_bytes']} B shared memory"
+
+
+def test_every_batched_layout_compiled(compiled):
+    for precision in PRECISIONS:
+        got = {r["SHARED_KEYS"] for r in _pick(compiled, kernel="batched_score", arch="sm_90",
+                                               PRECISION=precision, PAGED=True)}
+        assert got == {True, False}, precision
+    got = {r["SHARED_KEYS"] for r in _pick(compiled, kernel="batched_score", arch="sm_90",
+                                           PAGED=False)}
+    assert got == {True, False}
+    assert _pick(compiled, kernel="batched_score", arch="sm_90", WRITE_LOGITS=True,
+                 ENSEMBLE_MEAN=True, INDEX="i64")
+    got = {r["SHARED_KEYS"] for r in _pick(compiled, kernel="batched_score", arch="sm_80")}
+    assert got == {True, False}
