@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import environment, providers, sweeps
+from . import environment, mixed, providers, sweeps
 from .inputs import ModelDims
 from .runner import Options, run_sweep
 
@@ -34,6 +34,13 @@ def parse_size(text: str) -> int:
     if not digits.isdigit():
         raise ValueError(f"not a size: {text!r} (use e.g. 4096, 16K, 1M)")
     return int(digits) * mult
+
+
+def parse_size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _list(convert):
@@ -58,7 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", type=_list(str), help="bf16,tf32,fp8,fp32")
     p.add_argument("--ensemble", type=_list(str), help="max,mean")
     p.add_argument("--providers", type=_list(str),
-                   help=f"subset of {','.join(providers.PROVIDERS)} (default: all)")
+                   help=f"subset of {','.join(providers.PROVIDERS)} (default: all); with "
+                        f"--mixed, of {','.join(mixed.PROVIDERS)}")
+    p.add_argument("--mixed", action="store_true",
+                   help="the mixed-length serving batch instead of the sweep: one launch "
+                        "(paged pool, varlen rows) versus one per request (bench/mixed.py)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="--mixed: requests in the batch (default 32 on CUDA, 4 on CPU)")
+    p.add_argument("--min-n", type=parse_size_arg, default=None,
+                   help="--mixed: shortest history in chunks (default 8K on CUDA, 64 on CPU)")
+    p.add_argument("--max-n", type=parse_size_arg, default=None,
+                   help="--mixed: longest history in chunks (default 256K on CUDA, 1K on CPU)")
     p.add_argument("--device", choices=("cuda", "cpu"),
                    help="default: cuda if available, else cpu")
     p.add_argument("--out", type=Path, help="output directory (default: bench/results/<card>-<date>/)")
@@ -116,11 +133,80 @@ def options_from(args, device: torch.device) -> Options:
                    progress=not args.no_progress)
 
 
-def prepare(args) -> tuple[torch.device, sweeps.Sweep, list[providers.Provider], Options]:
-    """Validate the arguments (ValueError on anything wrong) before any work starts."""
+def choose_scenario(args, on_gpu: bool) -> mixed.Scenario:
+    """The mixed-batch scenario: the preset for this device with the command line's changes."""
+    for flag, value in (("--n", args.n), ("--batch", args.batch), ("--full", args.full)):
+        if value:
+            raise ValueError(f"{flag} does not apply to --mixed (use --requests, --min-n, --max-n)")
+    if args.ensemble and len(args.ensemble) != 1:
+        raise ValueError(f"--mixed takes one --ensemble, got {list(args.ensemble)}")
+    base = mixed.GPU_SCENARIO if on_gpu else mixed.CPU_SCENARIO
+    overrides = {"requests": args.requests, "min_n": args.min_n, "max_n": args.max_n,
+                 "layouts": args.layout, "precisions": args.precision,
+                 "ensemble": args.ensemble[0] if args.ensemble else None}
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items()
+                                        if v is not None}).validate()
+
+
+def _device_from(args) -> torch.device:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no CUDA device")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def prepare_mixed(args) -> tuple[torch.device, mixed.Scenario, tuple[str, ...], Options]:
+    """Validate a --mixed run's arguments before any work starts."""
+    device = _device_from(args)
+    scenario = choose_scenario(args, device.type == "cuda")
+    options = options_from(args, device)
+    names = tuple(args.providers) if args.providers else mixed.PROVIDERS
+    unknown = [n for n in names if n not in mixed.PROVIDERS]
+    if unknown:
+        raise ValueError(f"unknown --mixed provider(s) {unknown}; choose from "
+                         f"{list(mixed.PROVIDERS)}")
+    return device, scenario, names, options
+
+
+def run_mixed(args, device, scenario, names, options) -> int:
+    from .inputs import Model
+    from .runner import _bench_settings, triton_usable
+    if device.type != "cuda":
+        print(CPU_WARNING, flush=True)
+    triton_ok, triton_skip = triton_usable(device)
+    with _bench_settings(options):
+        result = mixed.run_mixed(
+            scenario, Model(options.dims, device, seed=options.seed), providers=names,
+            rep_ms=options.rep_ms, min_samples=options.min_samples, seed=options.seed,
+            triton_ok=triton_ok, triton_skip=triton_skip,
+            progress=(lambda m: None) if not options.progress else
+            (lambda m: print(m, file=sys.stderr, flush=True)))
+    from . import report
+    written = mixed.write_all(result, args.out or default_out_dir(device),
+                              plots=not args.no_plots)
+    return _finish(device, result.rows, written,
+                   report.format_ceilings(result) + "\n" + mixed.format_table(result))
+
+
+def _finish(device, rows: list[dict], written, text: str) -> int:
+    """Print the tables and what was written; exit status 1 if a row failed or raised."""
+    print(text)
+    if device.type != "cuda":
+        print(CPU_WARNING)
+    print("wrote " + ", ".join(str(p) for p in written))
+    bad = [r for r in rows if r["status"].startswith(("failed", "error"))]
+    if bad:
+        print(f"{len(bad)} row(s) failed the correctness check or raised; see the status column",
+              file=sys.stderr)
+    return 1 if bad else 0
+
+
+def prepare(args) -> tuple[torch.device, sweeps.Sweep, list[providers.Provider], Options]:
+    """Validate the arguments (ValueError on anything wrong) before any work starts."""
+    for flag, value in (("--requests", args.requests), ("--min-n", args.min_n),
+                        ("--max-n", args.max_n)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to --mixed only")
+    device = _device_from(args)
     sweep = choose_sweep(args, device.type == "cuda")
     options = options_from(args, device)
     if args.providers:
@@ -156,23 +242,15 @@ def run(args, device, sweep, chosen, options) -> int:
     if not args.no_plots:
         from .plots import write_plots
         written += write_plots(result, out_dir)
-    print(report.format_ceilings(result))
-    print(report.format_table(result))
-    if device.type != "cuda":
-        print(CPU_WARNING)
-    print("wrote " + ", ".join(str(p) for p in written))
-    bad = [r for r in result.rows if r["status"].startswith(("failed", "error"))]
-    if bad:
-        print(f"{len(bad)} row(s) failed the correctness check or raised; see the status column",
-              file=sys.stderr)
-    return 1 if bad else 0
+    return _finish(device, result.rows, written,
+                   report.format_ceilings(result) + "\n" + report.format_table(result))
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        prepared = prepare(args)
+        prepared = prepare_mixed(args) if args.mixed else prepare(args)
     except (ValueError, TypeError) as exc:
         print(f"python -m bench: error: {exc}", file=sys.stderr)
         return 2
-    return run(args, *prepared)
+    return (run_mixed if args.mixed else run)(args, *prepared)

@@ -92,16 +92,23 @@ def make_inputs(model: Model, shape: Shape, seed: int = 0) -> ShapeInputs:
     if shape.per_layer:
         keys = keys.view(L, B, N, C.CHUNK_BYTES)
         hidden = hidden.view(L, B, dims.hidden)
+    q_proj, w = project(model, hidden)
+    positions = torch.full((B,), N * C.TOKENS_PER_CHUNK - 1, dtype=torch.int64, device=device)
+    return ShapeInputs(hidden=hidden, q_proj=q_proj,
+                       q=release_queries(q_proj, positions, MAX_POSITION), w=w,
+                       positions=positions, compressed_k=keys)
+
+
+def project(model: Model, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference projections of ``hidden`` (``[B, hidden]`` shared by every layer, or
+    ``[L, B, hidden]``): ``q_proj [L, B, H, D]`` and head weights ``w [L, B, H]``, fp32."""
+    per_layer = hidden.dim() == 3
     q_list, w_list = [], []
-    for i, name in enumerate(dims.layers):
+    for i, name in enumerate(model.dims.layers):
         weights = model.reference.layer_weights(name)
-        q, w = ref.project_query(hidden[i] if shape.per_layer else hidden, weights["wq_a.weight"],
+        q, w = ref.project_query(hidden[i] if per_layer else hidden, weights["wq_a.weight"],
                                  weights["q_norm_weight"], weights["wq_b.weight"],
                                  weights["weights_proj.weight"])
         q_list.append(q)
         w_list.append(w)
-    positions = torch.full((B,), N * C.TOKENS_PER_CHUNK - 1, dtype=torch.int64, device=device)
-    q_proj = torch.stack(q_list)
-    return ShapeInputs(hidden=hidden, q_proj=q_proj,
-                       q=release_queries(q_proj, positions, MAX_POSITION), w=torch.stack(w_list),
-                       positions=positions, compressed_k=keys)
+    return torch.stack(q_list), torch.stack(w_list)

@@ -199,15 +199,21 @@ def _measure(row, ctx, inputs, oracle, shape, provider, precision, options, ceil
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         row["status"] = f"error: {type(exc).__name__}: {first_line}"
         return
+    row.update(timed_fields(row, t, peak, ceilings, precision))
+
+
+def timed_fields(row: dict, t: timing.Timing, peak: int | None, ceilings: Ceilings,
+                 precision: str) -> dict:
+    """A passing row's measured columns: times, rates from the row's counted ``flops`` and
+    ``bytes``, its place under the roofline, peak memory."""
     seconds = t.median_ms * 1e-3
     tflops = row["flops"] / seconds / 1e12
     attainable, bound = ceilings.attainable_tflops(precision, row["intensity"])
-    row.update(status="ok", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
-               spread_pct=t.spread_pct, samples=t.samples, tflops=tflops,
-               gbps=row["bytes"] / seconds / 1e9,
-               roofline_tflops=attainable, bound=bound,
-               roofline_pct=100 * tflops / attainable if attainable else None,
-               peak_mem_mb=peak / 2**20 if peak is not None else None)
+    return dict(status="ok", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                spread_pct=t.spread_pct, samples=t.samples, tflops=tflops,
+                gbps=row["bytes"] / seconds / 1e9, roofline_tflops=attainable, bound=bound,
+                roofline_pct=100 * tflops / attainable if attainable else None,
+                peak_mem_mb=peak / 2**20 if peak is not None else None)
 
 
 def add_speedups(rows: list[dict]) -> None:

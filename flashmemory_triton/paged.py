@@ -576,13 +576,9 @@ def score_paged(prepared, pools, page_table: torch.Tensor, n_chunks: torch.Tenso
     if prepared.backend == "torch":
         rows = pool_to_rows(_unwrap(pools), page_table, n_chunks, M)
         return _score_rows_torch(prepared, rows, n64, M, ensemble, logit_offset, return_logits)
-    from .kernels.paged import batched_score_launch
-    from .utils import _device
     keys = bufs if bufs is not None else page_pools(pools)
-    scores, logits = batched_score_launch(
-        q, prepared.w, keys, n_chunks, page_table, max_chunks=M, precision=prepared.precision,
-        hw_fp8=_device.has_hw_fp8(device), ensemble=ensemble, logit_offset=logit_offset,
-        return_logits=return_logits)
+    scores, logits = _launch(prepared, keys, n_chunks, page_table, M, ensemble, logit_offset,
+                             return_logits)
     return BatchScores(scores, logits, n64)
 
 
@@ -627,14 +623,21 @@ def score_varlen(prepared, keys, cu_chunks: torch.Tensor, *, max_chunks: int | N
     if prepared.backend == "torch":
         rows = varlen_to_rows(_unwrap(keys), cu_chunks, M)
         return _score_rows_torch(prepared, rows, n64, M, ensemble, logit_offset, return_logits)
+    kb = bufs if bufs is not None else varlen_buffers(keys)
+    scores, logits = _launch(prepared, kb, cu_chunks, None, M, ensemble, logit_offset,
+                             return_logits)
+    return BatchScores(scores, logits, n64.clamp(0, M))
+
+
+def _launch(prepared, keys: KeyBuffers, lengths, page_table, M, ensemble, logit_offset,
+            return_logits):
+    """The batched kernel on validated inputs (``page_table`` None: varlen rows)."""
     from .kernels.paged import batched_score_launch
     from .utils import _device
-    kb = bufs if bufs is not None else varlen_buffers(keys)
-    scores, logits = batched_score_launch(
-        q, prepared.w, kb, cu_chunks, None, max_chunks=M, precision=prepared.precision,
-        hw_fp8=_device.has_hw_fp8(device), ensemble=ensemble, logit_offset=logit_offset,
-        return_logits=return_logits)
-    return BatchScores(scores, logits, n64.clamp(0, M))
+    return batched_score_launch(
+        prepared.q, prepared.w, keys, lengths, page_table, max_chunks=M,
+        precision=prepared.precision, hw_fp8=_device.has_hw_fp8(prepared.q.device),
+        ensemble=ensemble, logit_offset=logit_offset, return_logits=return_logits)
 
 
 def _score_rows_torch(prepared, rows, n64, M, ensemble, logit_offset, return_logits):

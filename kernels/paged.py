@@ -53,7 +53,7 @@ from flashmemory_triton.paged import PAGED_LAYER_UNIT, VARLEN_LAYER_UNIT, KeyBuf
 from flashmemory_triton.utils import _device
 
 from ._alloc import alloc_output
-from .score import _ensemble_add, _ensemble_init, _layer_logit, _load_key_tile_at, launch_config
+from .score import _ensemble_init, _layer_into_ensemble, _load_key_tile_at, launch_config
 
 _PAGE_CHUNKS = tl.constexpr(C.PAGE_CHUNKS)
 _PAGE_BYTES = tl.constexpr(C.PAGE_BYTES)
@@ -135,12 +135,11 @@ def _score_tile(t, kb_ptr, kf_ptr, layer_off_ptr, table_ptr, q_ptr, w_ptr, score
                                                     lmask, D, PRECISION, HW_FP8)
         bad = bad | (~valid)
         for l in tl.static_range(L):
-            logit = _layer_logit(k, abs_scale, sign, bad, q_ptr, w_ptr, l * B_q + gb, H,
-                                 logit_offset, D, H_PAD, BLOCK_N, BLOCK_H, PRECISION, HW_FP8,
-                                 BF16_DOT_VIA_F32)
-            if WRITE_LOGITS:
-                tl.store(logits_ptr + l * stride_ll + gb * stride_lb + n, logit, mask=nmask)
-            ens = _ensemble_add(ens, logit, ENSEMBLE_MEAN)
+            ens = _layer_into_ensemble(ens, k, abs_scale, sign, bad, q_ptr, w_ptr, l * B_q + gb,
+                                       H, logit_offset,
+                                       logits_ptr + l * stride_ll + gb * stride_lb + n, nmask,
+                                       D, H_PAD, BLOCK_N, BLOCK_H, PRECISION, HW_FP8,
+                                       BF16_DOT_VIA_F32, ENSEMBLE_MEAN, WRITE_LOGITS)
     else:
         # One tile per layer, a runtime loop (as the row-format scorer: unrolled, the
         # compiler issues every layer's tile up front and spills).
@@ -150,12 +149,11 @@ def _score_tile(t, kb_ptr, kf_ptr, layer_off_ptr, table_ptr, q_ptr, w_ptr, score
                 kb_ptr, kf_ptr, key_bytes + off * LAYER_UNIT,
                 scale_words + off * (LAYER_UNIT // 4), lmask, D, PRECISION, HW_FP8)
             bad = bad | (~valid)
-            logit = _layer_logit(k, abs_scale, sign, bad, q_ptr, w_ptr, l * B_q + gb, H,
-                                 logit_offset, D, H_PAD, BLOCK_N, BLOCK_H, PRECISION, HW_FP8,
-                                 BF16_DOT_VIA_F32)
-            if WRITE_LOGITS:
-                tl.store(logits_ptr + l * stride_ll + gb * stride_lb + n, logit, mask=nmask)
-            ens = _ensemble_add(ens, logit, ENSEMBLE_MEAN)
+            ens = _layer_into_ensemble(ens, k, abs_scale, sign, bad, q_ptr, w_ptr, l * B_q + gb,
+                                       H, logit_offset,
+                                       logits_ptr + l * stride_ll + gb * stride_lb + n, nmask,
+                                       D, H_PAD, BLOCK_N, BLOCK_H, PRECISION, HW_FP8,
+                                       BF16_DOT_VIA_F32, ENSEMBLE_MEAN, WRITE_LOGITS)
     if ENSEMBLE_MEAN:
         ens = ens / L
     tl.store(scores_ptr + gb * stride_sb + n, ens, mask=nmask)

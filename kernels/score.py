@@ -138,6 +138,21 @@ def _ensemble_add(ens, logit, ENSEMBLE_MEAN: tl.constexpr):
 
 
 @triton.jit
+def _layer_into_ensemble(ens, k, abs_scale, sign, bad, q_ptr, w_ptr, lb, H, logit_offset,
+                         logit_out, nmask, D: tl.constexpr, H_PAD: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                         HW_FP8: tl.constexpr, BF16_DOT_VIA_F32: tl.constexpr,
+                         ENSEMBLE_MEAN: tl.constexpr, WRITE_LOGITS: tl.constexpr):
+    """One layer of one key tile: its logits (stored at ``logit_out`` if ``WRITE_LOGITS``)
+    folded into the running ensemble, which is returned."""
+    logit = _layer_logit(k, abs_scale, sign, bad, q_ptr, w_ptr, lb, H, logit_offset, D, H_PAD,
+                         BLOCK_N, BLOCK_H, PRECISION, HW_FP8, BF16_DOT_VIA_F32)
+    if WRITE_LOGITS:
+        tl.store(logit_out, logit, mask=nmask)
+    return _ensemble_add(ens, logit, ENSEMBLE_MEAN)
+
+
+@triton.jit
 def fused_score_kernel(
     kw_ptr, kf_ptr, q_ptr, w_ptr, scores_ptr, logits_ptr,
     B, N, H,
@@ -166,24 +181,20 @@ def fused_score_kernel(
         k, abs_scale, sign, bad = _load_key_tile(kw_ptr, kf_ptr, row_words, nmask,
                                                  D, PRECISION, HW_FP8)
         for l in tl.static_range(L):
-            logit = _layer_logit(k, abs_scale, sign, bad, q_ptr, w_ptr, l * B + b, H,
-                                 logit_offset, D, H_PAD, BLOCK_N, BLOCK_H, PRECISION, HW_FP8,
-                                 BF16_DOT_VIA_F32)
-            if WRITE_LOGITS:
-                tl.store(logits_ptr + (l * B + b) * N + n, logit, mask=nmask)
-            ens = _ensemble_add(ens, logit, ENSEMBLE_MEAN)
+            ens = _layer_into_ensemble(ens, k, abs_scale, sign, bad, q_ptr, w_ptr, l * B + b,
+                                       H, logit_offset, logits_ptr + (l * B + b) * N + n, nmask,
+                                       D, H_PAD, BLOCK_N, BLOCK_H, PRECISION, HW_FP8,
+                                       BF16_DOT_VIA_F32, ENSEMBLE_MEAN, WRITE_LOGITS)
     else:
         # One tile per layer: a runtime loop, so at most the next layer's tile is loaded
         # ahead (an unrolled loop lets the compiler issue all L tiles up front and spill).
         for l in range(L):
             k, abs_scale, sign, bad = _load_key_tile(kw_ptr, kf_ptr, row_words + l * stride_kl,
                                                      nmask, D, PRECISION, HW_FP8)
-            logit = _layer_logit(k, abs_scale, sign, bad, q_ptr, w_ptr, l * B + b, H,
-                                 logit_offset, D, H_PAD, BLOCK_N, BLOCK_H, PRECISION, HW_FP8,
-                                 BF16_DOT_VIA_F32)
-            if WRITE_LOGITS:
-                tl.store(logits_ptr + (l * B + b) * N + n, logit, mask=nmask)
-            ens = _ensemble_add(ens, logit, ENSEMBLE_MEAN)
+            ens = _layer_into_ensemble(ens, k, abs_scale, sign, bad, q_ptr, w_ptr, l * B + b,
+                                       H, logit_offset, logits_ptr + (l * B + b) * N + n, nmask,
+                                       D, H_PAD, BLOCK_N, BLOCK_H, PRECISION, HW_FP8,
+                                       BF16_DOT_VIA_F32, ENSEMBLE_MEAN, WRITE_LOGITS)
     if ENSEMBLE_MEAN:
         ens = ens / L
     tl.store(scores_ptr + b * N + n, ens, mask=nmask)

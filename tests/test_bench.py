@@ -5,6 +5,7 @@ work the roofline rests on. Model sizes are tiny (4 heads) so a sweep takes seco
 from __future__ import annotations
 
 import csv
+import math
 import json
 import os
 import subprocess
@@ -200,3 +201,123 @@ def test_presets_cover_the_issue_grid():
     with pytest.raises(ValueError, match="layout"):
         sweeps.Sweep(n=(1,), batch=(1,), layout=("paged",), precision=("bf16",),
                      ensemble=("max",)).validate()
+
+
+# --- the mixed-length serving batch (bench/mixed.py) ---------------------------------------------
+def _mixed_options(**kw):
+    from bench import mixed
+    from bench.roofline import Ceilings
+    # Fixed ceilings: the roofline arithmetic is exercised without timing matmuls here.
+    return dict(rep_ms=5, min_samples=2, seed=0,
+                ceilings=Ceilings(matmul_tflops={"fp32": 1.0, "bf16": 2.0}, copy_gbps=10.0,
+                                  notes=[]),
+                progress=lambda m: None, **kw), mixed
+
+
+def test_mixed_scenario_lengths_and_counted_work():
+    from bench import mixed
+    from bench.inputs import Model
+    gpu = mixed.GPU_SCENARIO
+    assert (gpu.requests, gpu.min_n, gpu.max_n) == (32, 8 * 1024, 256 * 1024)
+    lengths = gpu.lengths(0)
+    assert lengths == gpu.lengths(0) and lengths != gpu.lengths(1)  # seeded, and it matters
+    assert len(lengths) == 32 and all(8192 <= n <= 262144 for n in lengths)
+    # Log-uniform: half the lengths fall below the geometric middle sqrt(8K * 256K) = 45K
+    # (Binomial(32, 1/2) lies in [8, 24] with probability 0.9965); a uniform draw would put
+    # only (45K - 8K) / 248K = 15% there, about 5 of 32.
+    below = sum(n < math.sqrt(8192 * 262144) for n in lengths)
+    assert 8 <= below <= 24, lengths
+    x = mixed.make_mixed_inputs(Model(TINY, torch.device("cpu")),
+                                mixed.Scenario(requests=3, min_n=1, max_n=130), True, seed=0)
+    work = mixed.mixed_work(x, TINY)
+    total = sum(x.lengths)
+    assert work.flops == TINY.n_layers * total * C.flops_per_chunk_per_layer(TINY.heads)
+    assert work.bytes == (TINY.n_layers * total * C.CHUNK_BYTES
+                          + TINY.n_layers * 3 * TINY.heads * (C.HEAD_DIM + 1) * 4 + total * 4)
+    # The pool's pages are shuffled (not request after request) and hold the requests' keys.
+    from flashmemory_triton import paged
+    assert paged.unpack_pool(x.pool.pool, x.pool.page_table, x.pool.n_chunks)[1].equal(x.rows[1])
+    used = [int(p) for b, n in enumerate(x.lengths)
+            for p in x.pool.page_table[b, :-(-n // 64)]]
+    assert sorted(used) == list(range(len(used))) and used != sorted(used)
+
+
+@pytest.mark.interpreter
+def test_mixed_providers_pass_the_check_under_interpreter(device):
+    """Every mixed provider, Triton ones included (the interpreter on the CPU), is checked
+    against the per-request reference and then timed; speedups and launches are reported."""
+    from bench.inputs import Model
+    opts, mixed = _mixed_options(triton_ok=True)
+    scenario = mixed.Scenario(requests=3, min_n=1, max_n=130, layouts=("shared", "per_layer"),
+                              precisions=("bf16",), ensemble="mean")
+    result = mixed.run_mixed(scenario, Model(TINY, device), **opts)
+    rows = {(r["provider"], r["layout"]): r for r in result.rows}
+    assert len(rows) == 2 * len(mixed.PROVIDERS)
+    for (name, layout), r in rows.items():
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["roofline_pct"] > 0
+        assert r["logit_rel_rms"] <= r["tolerance"], r
+        assert r["speedup_vs_reference_loop"] > 0
+    assert rows[("triton_per_request", "shared")]["launches"] == 3
+    assert rows[("triton_paged", "per_layer")]["launches"] == 1
+    assert rows[("triton_varlen", "shared")]["speedup_vs_triton_per_request"] > 0
+
+
+def test_mixed_check_refuses_wrong_scores_and_wrong_fill(device, monkeypatch):
+    """A provider off by 5% fails the check and is not timed; so does one whose padding past
+    a request's length is not the documented fill."""
+    from bench.inputs import Model
+    from flashmemory_triton import paged
+    opts, mixed = _mixed_options(triton_ok=True)
+    real = paged.score_paged
+
+    def wrong_fill(*a, **kw):
+        out = real(*a, **kw)
+        out.scores[out.scores == 0] = 0.5  # the fill: 0 past each length
+        return out
+    monkeypatch.setattr(paged, "score_paged", wrong_fill)
+    real_release = mixed.release_scores
+
+    def wrong_reference(q, w, k, ensemble):
+        s, g = real_release(q, w, k, ensemble)
+        return s, g * 1.05
+    monkeypatch.setattr(mixed, "release_scores", wrong_reference)
+    scenario = mixed.Scenario(requests=2, min_n=3, max_n=70, layouts=("shared",),
+                              precisions=("bf16",))
+    result = mixed.run_mixed(scenario, Model(TINY, device),
+                             providers=("reference_loop", "triton_paged"), **opts)
+    rows = {r["provider"]: r for r in result.rows}
+    assert rows["reference_loop"]["status"].startswith("failed: logit relative RMS"), rows
+    assert rows["triton_paged"]["status"] == ("failed: the fill past a request's length is not "
+                                              "score 0 / logit -inf"), rows
+    assert all("median_ms" not in r for r in result.rows)
+
+
+def test_cli_mixed_writes_csv_json_png(device, tmp_path):
+    out = tmp_path / "mixed"
+    proc = _run_cli(["--mixed", "--requests", "3", "--min-n", "2", "--max-n", "200",
+                     "--repeats", "2", "--out", str(out)], device)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {"mixed.csv", "mixed.json", "mixed.png"} <= {p.name for p in out.iterdir()}
+    assert (out / "mixed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(open(out / "mixed.csv")))
+    ref = [r for r in rows if r["provider"] == "reference_loop"]
+    assert len(ref) == 1 and ref[0]["status"] == "ok" and float(ref[0]["median_ms"]) > 0
+    doc = json.loads((out / "mixed.json").read_text())
+    assert len(doc["config"]["lengths"]) == 3 and "device_name" in doc["meta"]
+    assert "mixed batch: 3 requests" in proc.stdout
+    if device.type != "cuda":
+        assert all(r["status"].startswith("skipped: Triton is timed on CUDA only")
+                   for r in rows if r["provider"] != "reference_loop")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mixed", "--n", "4K"], "--n does not apply to --mixed"),
+    (["--requests", "4"], "--requests applies to --mixed only"),
+    (["--mixed", "--min-n", "10", "--max-n", "5"], "--min-n <= --max-n"),
+    (["--mixed", "--providers", "triton"], "unknown --mixed provider"),
+    (["--mixed", "--ensemble", "max,mean"], "one --ensemble"),
+])
+def test_cli_mixed_rejects_bad_arguments(device, args, message):
+    proc = _run_cli(args, device, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

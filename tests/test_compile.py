@@ -53,20 +53,27 @@ def test_score_kernel_instructions(compiled, arch, precision):
     for r in _pick(compiled, kernel="fused_score", arch=arch, PRECISION=precision):
         ptx = r["ptx"]
         tag = f"{arch}/{precision}/shared={r['SHARED_KEYS']}"
-        if precision == "fp32":
-            # exact mode: fp32 FMAs, deliberately no tensor cores
-            assert not ptx["wgmma"] and not ptx["mma_sync"], tag
-        else:
-            assert ptx[EXPECTED_MMA[(arch, precision)]], f"{tag}: expected {EXPECTED_MMA[(arch, precision)]}"
-        if arch == "sm_80":
-            assert not ptx["cvt_e4m3"], f"{tag}: sm_80 has no e4m3 type; bits must be decoded"
+        _check_dot_and_resources(r, arch, precision, tag)
         assert ptx["ld_global_b32"] and not ptx["ld_global_u8"], f"{tag}: key rows not read as 4-byte words"
-        if precision != "fp32":
-            # The exact fp32 mode is for debugging: its FMA dot is compiled with a large stack
-            # frame (~10 KB a thread) and is not a performance path; every other mode must fit
-            # in registers with the launcher's own launch parameters.
-            assert r.get("local_bytes", 0) == 0 and r.get("stack_bytes", 0) == 0, f"{tag}: spills {r}"
-        assert r["shared_bytes"] <= SMEM_LIMIT[arch], f"{tag}: {r['shared_bytes']} B shared memory"
+
+
+def _check_dot_and_resources(r, arch, precision, tag):
+    """The rules every scorer build obeys: tensor-core dot of its precision (none in the exact
+    fp32 mode), bit decode on sm_80, no spills, shared memory within the SM's limit."""
+    ptx = r["ptx"]
+    if precision == "fp32":
+        # exact mode: fp32 FMAs, deliberately no tensor cores
+        assert not ptx["wgmma"] and not ptx["mma_sync"], tag
+    else:
+        assert ptx[EXPECTED_MMA[(arch, precision)]], f"{tag}: expected {EXPECTED_MMA[(arch, precision)]}"
+    if arch == "sm_80":
+        assert not ptx["cvt_e4m3"], f"{tag}: sm_80 has no e4m3 type; bits must be decoded"
+    if precision != "fp32":
+        # The exact fp32 mode is for debugging: its FMA dot is compiled with a large stack
+        # frame (~10 KB a thread) and is not a performance path; every other mode must fit
+        # in registers with the launcher's own launch parameters.
+        assert r.get("local_bytes", 0) == 0 and r.get("stack_bytes", 0) == 0, f"{tag}: spills {r}"
+    assert r["shared_bytes"] <= SMEM_LIMIT[arch], f"{tag}: {r['shared_bytes']} B shared memory"
 
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
@@ -100,18 +107,10 @@ def test_batched_kernel_instructions(compiled, arch, precision):
     for r in _pick(compiled, kernel="batched_score", arch=arch, PRECISION=precision):
         ptx = r["ptx"]
         tag = f"{arch}/{precision}/paged={r['PAGED']}/shared={r['SHARED_KEYS']}"
-        if precision == "fp32":
-            assert not ptx["wgmma"] and not ptx["mma_sync"], tag
-        else:
-            assert ptx[EXPECTED_MMA[(arch, precision)]], f"{tag}: expected {EXPECTED_MMA[(arch, precision)]}"
-        if arch == "sm_80":
-            assert not ptx["cvt_e4m3"], f"{tag}: sm_80 has no e4m3 type; bits must be decoded"
+        _check_dot_and_resources(r, arch, precision, tag)
         assert not ptx["ld_global_u8"], f"{tag}: key bytes read one at a time"
         if r["PAGED"]:
             assert ptx["ld_global_v4"], f"{tag}: paged fp8 rows not read with 16-byte loads"
-        if precision != "fp32":  # the exact fp32 mode is exempt, as for the row-format scorer
-            assert r.get("local_bytes", 0) == 0 and r.get("stack_bytes", 0) == 0, f"{tag}: spills {r}"
-        assert r["shared_bytes"] <= SMEM_LIMIT[arch], f"{tag}: {r['shared_bytes']} B shared memory"
 
 
 def test_every_batched_layout_compiled(compiled):

@@ -124,19 +124,23 @@ def test_retriever_and_selection_repeatable(backend, device):
         assert torch.equal(a.mask, b.mask) and torch.equal(a.fallback, b.fallback)
 
 
-_CHILD = textwrap.dedent("""
-    import hashlib, sys, torch
-    sys.path.insert(0, {tests!r})
-    from test_determinism import _case
-    from flashmemory_triton import ops
-    device = torch.device({device!r})
+def _scores_digest(device):
+    """sha256 of the bf16 scores and logits of the torch and triton backends on one case, and
+    the last backend's (scores, prepared queries, keys)."""
     digest = hashlib.sha256()
     for backend in ("torch", "triton"):
         q, w, pos, keys = _case("shared", device)
         p = ops.prepare_queries(q, w, pos, precision="bf16", backend=backend)
         s, lg = ops.score_prepared(p, keys, return_logits=True)
         digest.update(s.cpu().numpy().tobytes() + lg.cpu().numpy().tobytes())
-    print(digest.hexdigest())
+    return digest.hexdigest(), (s, p, keys)
+
+
+_CHILD = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_determinism import _scores_digest
+    print(_scores_digest(torch.device({device!r}))[0])
 """)
 
 
@@ -144,19 +148,14 @@ _CHILD = textwrap.dedent("""
 def test_same_bits_in_a_fresh_process(device):
     """No hidden state (caches, first-call paths, import order) changes the result: a new
     Python process computes the same bytes (autotune off, the default)."""
-    digest = hashlib.sha256()
-    for backend in ("torch", "triton"):
-        q, w, pos, keys = _case("shared", device)
-        p = ops.prepare_queries(q, w, pos, precision="bf16", backend=backend)
-        s, lg = ops.score_prepared(p, keys, return_logits=True)
-        digest.update(s.cpu().numpy().tobytes() + lg.cpu().numpy().tobytes())
+    hexdigest, (s, p, keys) = _scores_digest(device)
     assert not torch.equal(s, ops.score_prepared(p, keys, ensemble="mean")[0])  # non-trivial
     env = {k: v for k, v in os.environ.items() if k != "FLASHMEMORY_AUTOTUNE"}
     code = _CHILD.format(tests=os.path.dirname(__file__), device=str(device))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == digest.hexdigest()
+    assert out.stdout.strip() == hexdigest
 
 
 @pytest.mark.gpu

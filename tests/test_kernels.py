@@ -9,7 +9,6 @@ Outputs are NaN-poisoned before every launch (FLASHMEMORY_POISON=1, set in conft
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -362,12 +362,16 @@ CALL_ERRORS = [
 def test_bad_call_inputs(mutate, exc, msg, method, device):
     model, _ = build(device)
     hidden, ck, pos = mutate(*inputs(device, 3, 5), device)
-    call = {"forward": lambda: model(hidden, ck, pos),
+    with pytest.raises(exc, match=msg):
+        call_method(model, method, hidden, ck, pos)
+
+
+def call_method(model, method, hidden, ck, pos):
+    """One of the release API's scoring calls by name (``score_layer`` on layer l12)."""
+    return {"forward": lambda: model(hidden, ck, pos),
             "score_layer": lambda: model.score_layer("l12", hidden, ck, pos),
             "ensemble": lambda: model.ensemble(hidden, ck, pos),
-            "select_topk": lambda: model.select_topk(hidden, ck, pos, top_k=2)}[method]
-    with pytest.raises(exc, match=msg):
-        call()
+            "select_topk": lambda: model.select_topk(hidden, ck, pos, top_k=2)}[method]()
 
 
 def test_bad_layer_name_and_mode(device):

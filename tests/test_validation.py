@@ -22,7 +22,7 @@ from flashmemory_triton.synthetic import write_checkpoint
 from _helpers import joint_state_dict, make_layer_states
 from kernel_cases import assert_close, make_keys
 from test_kernels import FP32_RTOL
-from test_retriever_api import CALL_ERRORS, _other_device, build, inputs
+from test_retriever_api import CALL_ERRORS, _other_device, build, call_method, inputs
 
 L, B, H, N = 3, 2, 4, 40
 
@@ -181,12 +181,8 @@ def test_triton_retriever_refuses_like_torch(mutate, exc, msg, method, device, n
     model, _ = build(device, backend="triton")
     assert model.resolved_backend() == "triton"
     hidden, ck, pos = mutate(*inputs(device, 3, 5), device)
-    call = {"forward": lambda: model(hidden, ck, pos),
-            "score_layer": lambda: model.score_layer("l12", hidden, ck, pos),
-            "ensemble": lambda: model.ensemble(hidden, ck, pos),
-            "select_topk": lambda: model.select_topk(hidden, ck, pos, top_k=2)}[method]
     with pytest.raises(exc, match=msg):
-        call()
+        call_method(model, method, hidden, ck, pos)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
