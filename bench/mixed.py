@@ -305,8 +305,8 @@ def run_mixed(scenario: Scenario, model: Model, *, providers=PROVIDERS, rep_ms: 
                     row["status"] = triton_skip
                 else:
                     progress(f"mixed: {name} {precision} {layout}")
-                    _measure(row, build(name, x, precision, scenario.ensemble), oracle,
-                             precision, device, rep_ms, min_samples, ceilings)
+                    _measure(row, lambda: build(name, x, precision, scenario.ensemble),
+                             oracle, precision, device, rep_ms, min_samples, ceilings)
                 rows.append(row)
         del x, oracle
     _speedups(rows)
@@ -316,10 +316,11 @@ def run_mixed(scenario: Scenario, model: Model, *, providers=PROVIDERS, rep_ms: 
     return MixedResult(rows, ceilings, environment.collect(device), config)
 
 
-def _measure(row, runner: MixedRunner, oracle, precision, device, rep_ms, min_samples,
-             ceilings: Ceilings) -> None:
-    row["launches"] = runner.launches
+def _measure(row, make_runner: Callable[[], MixedRunner], oracle, precision, device, rep_ms,
+             min_samples, ceilings: Ceilings) -> None:
     try:
+        runner = make_runner()  # inside the try: building may allocate (the padded batch)
+        row["launches"] = runner.launches
         scores, logits, fill_error = runner.check()
         if fill_error:
             row["status"] = f"failed: {fill_error}"

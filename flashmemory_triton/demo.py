@@ -105,21 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # --- helpers ----------------------------------------------------------------------------------
 def _parse_device(text: str):
-    import torch
-    from .utils import _device
-
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device: expected cpu or cuda[:N], got {text!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: only cpu and cuda are supported, got {text!r}")
-    if device.type == "cuda":
-        if not _device.cuda_available():
-            raise ValueError(f"--device {text}: CUDA is not available (torch {torch.__version__})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    from . import _validate as V
+    return V.device("--device", text)
 
 
 def _log(message: str) -> None:

@@ -167,7 +167,7 @@ def test_bad_flags_argparse(args, message, isolated, capsys):
     pytest.param(lambda d, ck: ["--ckpt", str(ck), "--device", "meta"],
                  "only cpu and cuda are supported", id="device-type"),
     pytest.param(lambda d, ck: ["--ckpt", str(ck), "--device", "cuda:x"],
-                 "expected cpu or cuda[:N]", id="device-syntax"),
+                 "--device must be 'cpu' or 'cuda[:N]', got 'cuda:x'", id="device-syntax"),
     pytest.param(lambda d, ck: ["--hub", "someone/absent", "--cache-dir", str(d), "--local-files-only"],
                  "no FlashMemory checkpoint found for 'someone/absent'", id="hub-not-cached"),
 ])
