@@ -40,6 +40,7 @@ outside the buffers: an out-of-range page id or row makes those chunks NaN.
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple, Sequence
 
 import torch
@@ -194,7 +195,8 @@ def pack_pool(requests, *, page_ids=None, num_pages: int | None = None,
     Shared pages (prefix sharing) are allowed when the requests agree on their bytes; a page
     given two different contents is a ValueError. ``num_pages`` defaults to the highest page
     used + 1, ``max_pages`` (table width) to the longest request's page count. Pages nothing
-    uses and the tail of a request's last page are zero. Returns a :class:`PagedBatch` whose
+    uses and slots no request fills (the tail of a last page) are zero; a request
+    writes only its own slots of a shared partial page. Returns a :class:`PagedBatch` whose
     table holds -1 past each request's pages.
     """
     reqs, per_layer = _request_list("requests", requests)
@@ -239,7 +241,17 @@ def pack_pool(requests, *, page_ids=None, num_pages: int | None = None,
         if not p:
             continue
         idx = torch.tensor(p, dtype=torch.int64, device=device)
-        pool[..., idx, :] = rows_to_pages(r.to(device))
+        pages = rows_to_pages(r.to(device))
+        full = r.shape[-2] // C.PAGE_CHUNKS
+        pool[..., idx[:full], :] = pages[..., :full, :]
+        tail = r.shape[-2] - full * C.PAGE_CHUNKS
+        if tail:
+            # A last partial page: write only its real slots, so a request sharing the first
+            # chunks of a longer request's page (prefix sharing) never zeroes the rest.
+            last, src = int(idx[full]), pages[..., full, :]
+            pool[..., last, :tail * C.FP8_BYTES] = src[..., :tail * C.FP8_BYTES]
+            pool[..., last, _FP8_BLOCK:_FP8_BLOCK + tail * C.SCALE_BYTES] = \
+                src[..., _FP8_BLOCK:_FP8_BLOCK + tail * C.SCALE_BYTES]
         table[b, :len(p)] = idx.to(index_dtype)
     n_chunks = torch.tensor([r.shape[-2] for r in reqs], dtype=torch.int64, device=device)
     # Shared pages were written once per request; make sure everyone reads its own bytes.
@@ -316,10 +328,14 @@ def varlen_to_rows(keys, cu_chunks: torch.Tensor, max_chunks: int | None = None)
     keys = _unwrap(keys)
     bufs = _varlen_list(keys)
     B = _check_cu(cu_chunks, bufs[0].device)
-    _check_cu_values(cu_chunks, min(k.shape[0] for k in bufs), None)
     cu = cu_chunks.to(torch.int64)
     n = cu[1:] - cu[:-1]
-    M = _resolve_max_chunks(max_chunks, int(n.max()) if B else 0, "the longest request")
+    if max_chunks is None:
+        M = max(int(n.max()), 0) if B else 0  # host sync
+    else:
+        M = _resolve_max_chunks(max_chunks, 0, "the longest request")
+    # A request longer than max_chunks is refused, as on the triton backend (never truncated).
+    _check_cu_values(cu_chunks, min(k.shape[0] for k in bufs), M)
     idx = cu[:-1, None] + torch.arange(M, device=cu.device)[None, :]
     real = torch.arange(M, device=cu.device)[None, :] < n[:, None]
     out = []
@@ -352,6 +368,7 @@ def varlen_to_pool(keys, cu_chunks, **pack_kwargs) -> PagedBatch:
 # --- key buffers for the kernel -----------------------------------------------------------------
 _OFFSET_CACHE: dict = {}
 _OFFSET_CACHE_SIZE = 64
+_OFFSET_LOCK = threading.Lock()
 
 
 def _per_layer_pool(pool) -> bool:
@@ -396,12 +413,14 @@ def _varlen_list(keys) -> list[torch.Tensor]:
 
 def _layer_offsets(bufs: list[torch.Tensor], unit: int) -> torch.Tensor:
     """int64 device tensor ``[L]``: each buffer's address minus the first's, in ``unit`` bytes.
-    Cached by addresses, so a captured CUDA graph replays without a host-to-device copy
-    (build it once before capture: call the op once, or :func:`page_pools` /
-    :func:`varlen_buffers`)."""
+    Cached by addresses (eager calls on the same buffers skip the host-to-device copy). The
+    cache may evict and free it, so a CUDA graph must not rely on it: under capture the ops
+    require a caller-held :func:`page_pools` / :func:`varlen_buffers` object, which keeps its
+    own reference (see :func:`_require_held_buffers`)."""
     ptrs = tuple(b.data_ptr() for b in bufs)
     key = (ptrs, unit, str(bufs[0].device))
-    hit = _OFFSET_CACHE.get(key)
+    with _OFFSET_LOCK:
+        hit = _OFFSET_CACHE.get(key)
     if hit is None:
         for i, p in enumerate(ptrs):
             if (p - ptrs[0]) % unit:
@@ -410,10 +429,25 @@ def _layer_offsets(bufs: list[torch.Tensor], unit: int) -> torch.Tensor:
                                  f"{unit}-byte aligned (torch allocations are)")
         hit = torch.tensor([(p - ptrs[0]) // unit for p in ptrs], dtype=torch.int64,
                            device=bufs[0].device)
-        if len(_OFFSET_CACHE) >= _OFFSET_CACHE_SIZE:
-            _OFFSET_CACHE.pop(next(iter(_OFFSET_CACHE)))
-        _OFFSET_CACHE[key] = hit
+        with _OFFSET_LOCK:
+            while len(_OFFSET_CACHE) >= _OFFSET_CACHE_SIZE:
+                _OFFSET_CACHE.pop(next(iter(_OFFSET_CACHE)), None)
+            _OFFSET_CACHE[key] = hit
     return hit
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _require_held_buffers(n_layers, device: torch.device, what: str, builder: str) -> None:
+    """Per-layer keys under CUDA graph capture must come as a caller-held KeyBuffers: the graph
+    bakes in the address of the layer-offsets tensor, which only that object keeps alive (a
+    per-call one would be freed, and a replay would read freed memory as offsets)."""
+    if n_layers is not None and _capturing(device):
+        raise ValueError(f"per-layer {what} under CUDA graph capture must be passed as a "
+                         f"{builder}(...) object built before capture and kept alive as long "
+                         f"as the graph (it holds the layer-offsets tensor the graph reads)")
 
 
 def page_pools(pools):
@@ -548,7 +582,9 @@ def score_paged(prepared, pools, page_table: torch.Tensor, n_chunks: torch.Tenso
     ``pools``: ``[P, 8448]`` (one pool for every layer), ``[L, P, 8448]`` or a list of ``L``
     ``[P_l, 8448]`` pools (read in place), or :func:`page_pools`' result; ``page_table``
     ``[B, max_pages]`` and ``n_chunks [B]`` (int32/int64). Output width ``max_chunks`` defaults
-    to ``64 * max_pages`` (known from the shape: no host sync, graph-capturable).
+    to ``64 * max_pages``, known from the shape. The kernel needs no host values; the value
+    checks read a few on the host (a sync) except under CUDA graph capture, where they are
+    skipped and the call is capturable (per-layer pools then as a held :func:`page_pools`).
     """
     logit_offset = _check_scoring(prepared, ensemble, logit_offset)
     q = prepared.q
@@ -571,8 +607,12 @@ def score_paged(prepared, pools, page_table: torch.Tensor, n_chunks: torch.Tenso
     else:
         n_layers, limit = bufs.n_layers, bufs.limit
     _check_layers(n_layers, L, "pools")
+    if bufs is None:
+        _require_held_buffers(n_layers, device, "pools", "paged.page_pools")
     _check_paged_values(page_table, n_chunks, limit, M)
-    n64 = n_chunks.to(torch.int64)
+    # The lengths the kernel uses (clamped as it clamps them), a fresh tensor: never an alias
+    # of the caller's n_chunks.
+    n64 = n_chunks.to(torch.int64).clamp(0, min(M, page_table.shape[1] * C.PAGE_CHUNKS))
     if prepared.backend == "torch":
         rows = pool_to_rows(_unwrap(pools), page_table, n_chunks, M)
         return _score_rows_torch(prepared, rows, n64, M, ensemble, logit_offset, return_logits)
@@ -590,7 +630,9 @@ def score_varlen(prepared, keys, cu_chunks: torch.Tensor, *, max_chunks: int | N
     ``keys``: ``[total, 132]`` (every layer), ``[L, total, 132]``, a list of ``L``
     ``[total_l, 132]`` buffers, or :func:`varlen_buffers`' result; ``cu_chunks [B + 1]``
     int32/int64. ``max_chunks`` (output width) defaults to the longest request, which reads
-    ``cu_chunks`` on the host: pass it explicitly to capture the call in a CUDA graph.
+    ``cu_chunks`` on the host: pass it explicitly to capture the call in a CUDA graph (per-layer
+    keys then as a held :func:`varlen_buffers`). Outside capture the value checks read a few
+    values on the host (a sync).
     """
     logit_offset = _check_scoring(prepared, ensemble, logit_offset)
     q = prepared.q
@@ -613,6 +655,8 @@ def score_varlen(prepared, keys, cu_chunks: torch.Tensor, *, max_chunks: int | N
     else:
         n_layers, rows_avail = bufs.n_layers, bufs.limit
     _check_layers(n_layers, L, "keys")
+    if bufs is None:
+        _require_held_buffers(n_layers, device, "keys", "paged.varlen_buffers")
     cu64 = cu_chunks.to(torch.int64)
     n64 = cu64[1:] - cu64[:-1]
     if max_chunks is None:

@@ -324,8 +324,8 @@ class FlashMemoryRetriever(nn.Module):
                                         ensemble=mode, return_logits=return_logits,
                                         max_chunks=max_chunks)
         rows = P.pool_to_rows(pools, page_table, n_chunks, max_chunks)
-        return self._score_rows_batch(hidden, rows, positions, n_chunks.to(torch.int64), mode,
-                                      return_logits)
+        return self._score_rows_batch(hidden, rows, positions,
+                                      n_chunks.to(torch.int64).clone(), mode, return_logits)
 
     def score_varlen(self, hidden, keys, cu_chunks, positions, *, mode: str = "max",
                      return_logits: bool = False, max_chunks: int | None = None):

@@ -27,7 +27,8 @@ inclusive prefix sum in registers, and walks the global tile list ``t = pid, pid
 (a persistent grid of ``P`` programs, about two per SM), mapping each ``t`` to its request by
 counting prefix sums ``<= t``. A 1M-token request among short ones is therefore spread over
 every SM instead of serializing the launch, no program is launched for padding, and nothing
-is computed on the host (no sync: the launch can be captured in a CUDA graph).
+is computed on the host (no sync: the launch can be captured in a CUDA graph; the
+host-side value checks of ``flashmemory_triton.paged`` are skipped under capture).
 
 Output: padded ``scores [B, max_chunks]`` and optionally ``logits [L, B, max_chunks]``. Past a
 request's length the kernel writes the fill: score ``0`` and logit ``-inf``
@@ -285,6 +286,9 @@ def batched_score_launch(q: torch.Tensor, w: torch.Tensor, keys: KeyBuffers,
         return scores, logits
     q = q.contiguous()
     w = w.contiguous().float()
+    # The kernel reads the lengths at len_ptr + i (stride 1); a strided view would be read as
+    # other values. A no-op when already contiguous, and graph-capture safe.
+    lengths = lengths.contiguous()
     kb = keys.base
     kf = kb.view(torch.float32)
     offsets = keys.layer_offsets if keys.layer_offsets is not None else lengths  # unused if shared

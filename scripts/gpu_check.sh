@@ -2,7 +2,7 @@
 # GPU correctness tests + the quick benchmark sweep, in ONE call, on a machine where nothing can
 # be installed (torch and triton preinstalled; no network). Everything goes to $OUT:
 #   $OUT/env.txt            GPU, driver, torch/triton versions, commit, date
-#   $OUT/tests.log          pytest --device cuda (kernels, paged, full-size GPU checks)
+#   $OUT/tests.log          pytest --device cuda (kernels, paged, CUDA graphs, full-size checks)
 #   $OUT/bench/             CSV, JSON, PNG of `python -m bench --quick`
 #   $OUT/bench-mixed/       CSV, JSON, PNG of `python -m bench --mixed` (32 requests of 8K-256K
 #                           chunks: one launch for the batch versus one per request)
@@ -51,7 +51,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, record the exit code
 }
 
 step tests 220 "$PY" -m pytest -q -p no:cacheprovider --device cuda \
-  tests/test_kernels.py tests/test_gpu.py $(ls tests/test_paged.py 2>/dev/null) \
+  tests/test_kernels.py tests/test_gpu.py tests/test_paged.py tests/test_cuda_graphs.py \
   -k "not compile" -o addopts=""
 tests_rc=$?
 step bench 240 "$PY" -m bench --quick --device cuda --out "$OUT/bench"

@@ -458,3 +458,110 @@ def test_retriever_paged_and_varlen_api(device):
     assert res.engine_pages(table)[:, 0].tolist()[1] == -1
     with pytest.raises(ValueError, match="hidden batch"):
         mt.score_paged(h[:, :2], pools, table, n_chunks, pos[:2])
+
+
+# --- review follow-ups: strided lengths, partial shared pages, wide fills, capture ---------------
+def test_strided_lengths_are_read_as_given(device):
+    """n_chunks / cu_chunks as strided views (e.g. a column of an engine's metadata table):
+    the kernel must read the values the view shows, not the memory next to them."""
+    gen = _gen(11)
+    lengths = [70, 3, 0, 129]
+    reqs = [make_keys((n,), gen) for n in lengths]
+    prep = _prepared(3, len(reqs), 16, gen, device, "fp32")
+    pool, table, n_chunks, _ = _paged(reqs, gen, share=False)
+    junk = torch.full_like(n_chunks, 9999)
+    strided = torch.stack([n_chunks, junk], 1)[:, 0]
+    assert strided.stride(0) == 2
+    out = P.score_paged(prep, pool.to(device), table.to(device), strided.to(device),
+                        return_logits=True)
+    _check_batch(out, prep, reqs, "max", FP32_RTOL, "paged strided n_chunks", 0.0)
+    vb = P.pack_varlen(reqs)
+    cu = torch.stack([vb.cu_chunks, torch.full_like(vb.cu_chunks, 10 ** 6)], 1)[:, 0]
+    out = P.score_varlen(prep, vb.keys.to(device), cu.to(device), return_logits=True)
+    _check_batch(out, prep, reqs, "max", FP32_RTOL, "varlen strided cu_chunks", 0.0)
+
+
+@pytest.mark.parametrize("order", ["short_first", "long_first"])
+def test_shared_partial_page_in_either_order(order):
+    """Prefix sharing of a partial page: a 10-chunk request whose chunks are the first 10 of a
+    64-chunk request's page. Packing must not let the short one zero the long one's slots."""
+    gen = _gen(12)
+    long = make_keys((64,), gen)
+    short = long[:10].clone()
+    reqs = [short, long] if order == "short_first" else [long, short]
+    batch = P.pack_pool(reqs, page_ids=[[0], [0]])
+    back = P.unpack_pool(batch.pool, batch.page_table, batch.n_chunks)
+    assert all(torch.equal(a, b) for a, b in zip(back, reqs))
+    # A partial page that disagrees with its sharer on a real chunk is still refused.
+    other = short.clone()
+    other[3, 0] ^= 1
+    with pytest.raises(ValueError, match="shared pages must hold equal bytes"):
+        P.pack_pool([long, other], page_ids=[[0], [0]])
+
+
+def test_wide_output_and_many_requests_in_one_launch(device):
+    """20 requests in one launch (a 32-row request block) and an output wider than one fill
+    block (2100 > FILL_N = 1024 columns): every element past a length gets the fill."""
+    gen = _gen(13)
+    lengths = [(7 * b) % 23 for b in range(20)]
+    reqs = [make_keys((n,), gen) for n in lengths]
+    prep = _prepared(2, len(reqs), 16, gen, device, "bf16")
+    pool, table, n_chunks, _ = _paged(reqs, gen, share=False)
+    out = P.score_paged(prep, pool.to(device), table.to(device), n_chunks.to(device),
+                        max_chunks=2100, return_logits=True)
+    assert out.scores.shape == (20, 2100)
+    scores, logits = out.scores.cpu(), out.logits.cpu()
+    for b, n in enumerate(lengths):
+        assert bool((scores[b, n:] == 0).all()) and bool((logits[:, b, n:] == float("-inf")).all())
+        assert bool(torch.isfinite(scores[b, :n]).all()), b
+
+
+def test_returned_lengths_are_a_fresh_clamped_tensor(device):
+    gen = _gen(14)
+    reqs = [make_keys((n,), gen) for n in (5, 70)]
+    prep = _prepared(1, 2, 16, gen, device, "fp32")
+    pool, table, n_chunks, _ = _paged(reqs, gen, share=False)
+    n64 = n_chunks.to(torch.int64).to(device)
+    out = P.score_paged(prep, pool.to(device), table.to(device), n64)
+    n64[0] = 0  # the caller reuses its buffer: the result must not change with it
+    assert out.n_chunks.tolist() == [5, 70]
+
+
+def test_varlen_torch_backend_refuses_short_max_chunks_like_triton(device):
+    """A request longer than max_chunks is an error on both backends, never a truncation."""
+    gen = _gen(15)
+    reqs = [make_keys((n,), gen) for n in (30, 5)]
+    vb = P.pack_varlen(reqs)
+    for backend in ("torch", "triton"):
+        q = torch.randn(1, 2, 16, C.HEAD_DIM, generator=gen).to(device)
+        w = torch.randn(1, 2, 16, generator=gen).to(device)
+        prep = ops.prepare_queries(q, w, torch.tensor([1, 2]).to(device), backend=backend)
+        with pytest.raises(ValueError, match="max_chunks = 8 is shorter than the longest"):
+            P.score_varlen(prep, vb.keys.to(device), vb.cu_chunks.to(device), max_chunks=8)
+    with pytest.raises(ValueError, match="max_chunks = 8 is shorter than the longest"):
+        P.varlen_to_rows(vb.keys, vb.cu_chunks, 8)
+
+
+def test_per_layer_lists_refused_under_capture(device, monkeypatch):
+    """Under CUDA graph capture (simulated here) raw per-layer lists are refused: the graph
+    would keep reading a layer-offsets tensor that only a per-call object held. A held
+    page_pools / varlen_buffers object, or a single shared buffer, is accepted."""
+    gen = _gen(16)
+    reqs = [make_keys((2, n), gen) for n in (5, 70)]
+    prep = _prepared(2, 2, 16, gen, device, "fp32")
+    batch = P.pack_pool(reqs)
+    pools = [batch.pool[0].clone().to(device), batch.pool[1].clone().to(device)]
+    table, n = batch.page_table.to(device), batch.n_chunks.to(device)
+    held = P.page_pools(pools)
+    vb = P.pack_varlen(reqs)
+    keys = [vb.keys[0].clone().to(device), vb.keys[1].clone().to(device)]
+    held_keys = P.varlen_buffers(keys)
+    cu = vb.cu_chunks.to(device)
+    monkeypatch.setattr(P, "_capturing", lambda dev: True)
+    with pytest.raises(ValueError, match="page_pools\\(...\\) object built before capture"):
+        P.score_paged(prep, pools, table, n)
+    with pytest.raises(ValueError, match="varlen_buffers\\(...\\) object built before capture"):
+        P.score_varlen(prep, keys, cu, max_chunks=70)
+    want = P.score_paged(prep, held, table, n, max_chunks=70).scores
+    got = P.score_varlen(prep, held_keys, cu, max_chunks=70).scores
+    assert_close(got.cpu(), want.cpu(), FP32_RTOL, "held buffers under capture, varlen vs paged")
