@@ -27,6 +27,7 @@ not timed. On a CPU the Triton providers are skipped (interpreter timings mean n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Callable
@@ -40,7 +41,7 @@ from .check import check_output
 from .inputs import MAX_POSITION, Model, ModelDims, project
 from .release import release_queries, release_scores, release_scores_blocked
 from .roofline import Ceilings, Work, measure_ceilings
-from .runner import timed_fields
+from .runner import failure_status, timed_fields
 from .sweeps import LAYOUTS, K
 
 ORACLE_BLOCK_BYTES = 1 << 30
@@ -179,16 +180,16 @@ def _cat(per_request: list[tuple[torch.Tensor, torch.Tensor]]):
             torch.cat([g for _, g in per_request], dim=-1))
 
 
-def _real(scores: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Padded ``[R, M]`` -> each request's real chunks as one row ``[1, sum n]``."""
-    return torch.cat([scores[b:b + 1, :n] for b, n in enumerate(lengths)], dim=-1)
+def _real(padded: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Padded ``[..., R, M]`` (scores, or per-layer logits) -> each request's real chunks as
+    one row, ``[..., 1, sum n]``."""
+    return torch.cat([padded[..., b:b + 1, :n] for b, n in enumerate(lengths)], dim=-1)
 
 
 def _from_padded(scores: torch.Tensor, logits: torch.Tensor, lengths: list[int]):
     """Padded ``[R, M]`` / ``[L, R, M]`` -> each request's real chunks as one row, and whether
     the padding holds the documented fill (score 0, logit -inf)."""
-    cat = (_real(scores, lengths),
-           torch.cat([logits[:, b:b + 1, :n] for b, n in enumerate(lengths)], dim=-1))
+    cat = (_real(scores, lengths), _real(logits, lengths))
     M = scores.shape[-1]
     pad = torch.arange(M, device=scores.device)[None, :] >= torch.tensor(
         lengths, device=scores.device)[:, None]
@@ -233,8 +234,7 @@ def build(name: str, x: MixedInputs, precision: str, ensemble: str) -> MixedRunn
 
         def dense_check():
             s, g = dense_call(True)
-            return _real(s, x.lengths), torch.cat(
-                [g[:, b:b + 1, :n] for b, n in enumerate(x.lengths)], dim=-1), ""
+            return _real(s, x.lengths), _real(g, x.lengths), ""
         return MixedRunner(run=lambda: dense_call(False),
                            scores_of=lambda out: _real(out[0], x.lengths), check=dense_check,
                            launches=1)
@@ -305,10 +305,11 @@ def run_mixed(scenario: Scenario, model: Model, *, providers=PROVIDERS, rep_ms: 
                     row["status"] = triton_skip
                 else:
                     progress(f"mixed: {name} {precision} {layout}")
-                    _measure(row, lambda: build(name, x, precision, scenario.ensemble),
+                    _measure(row, functools.partial(build, name, x, precision,
+                                                    scenario.ensemble),
                              oracle, precision, device, rep_ms, min_samples, ceilings)
                 rows.append(row)
-        del x, oracle
+        del x, oracle  # before the next layout's inputs exist: one batch in memory at a time
     _speedups(rows)
     config = {"scenario": dataclasses.asdict(scenario), "seed": seed, "rep_ms": rep_ms,
               "min_samples": min_samples, "lengths": scenario.lengths(seed),
@@ -337,12 +338,8 @@ def _measure(row, make_runner: Callable[[], MixedRunner], oracle, precision, dev
         peak = timing.peak_memory_bytes(runner.run, device)
         t = timing.time_call(runner.run, device, rep_ms=rep_ms, min_samples=min_samples,
                              estimate_ms=timing.wall_ms(runner.run, device))
-    except torch.OutOfMemoryError:
-        row["status"] = "skipped: out of memory"
-        return
     except Exception as exc:  # a broken provider is reported, the run goes on
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        row["status"] = f"error: {type(exc).__name__}: {first}"
+        row["status"] = failure_status(exc, device)
         return
     row.update(timed_fields(row, t, peak, ceilings, precision))
 

@@ -191,15 +191,20 @@ def _measure(row, ctx, inputs, oracle, shape, provider, precision, options, ceil
         estimate = timing.wall_ms(runner.run, device)
         t = timing.time_call(runner.run, device, rep_ms=options.rep_ms,
                              min_samples=options.min_samples, estimate_ms=estimate)
-    except torch.OutOfMemoryError:
-        row["status"] = "skipped: out of memory"
-        _release_memory(device)
-        return
     except Exception as exc:  # a broken provider is reported, the sweep goes on
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        row["status"] = f"error: {type(exc).__name__}: {first_line}"
+        row["status"] = failure_status(exc, device)
         return
     row.update(timed_fields(row, t, peak, ceilings, precision))
+
+
+def failure_status(exc: Exception, device: torch.device) -> str:
+    """The status of a row whose provider raised: out of memory is a skip (and the memory is
+    released for the next row), anything else an error with its first line."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        _release_memory(device)
+        return "skipped: out of memory"
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"error: {type(exc).__name__}: {first_line}"
 
 
 def timed_fields(row: dict, t: timing.Timing, peak: int | None, ceilings: Ceilings,

@@ -587,28 +587,13 @@ def score_paged(prepared, pools, page_table: torch.Tensor, n_chunks: torch.Tenso
     skipped and the call is capturable (per-layer pools then as a held :func:`page_pools`).
     """
     logit_offset = _check_scoring(prepared, ensemble, logit_offset)
-    q = prepared.q
-    L, B = q.shape[:2]
-    device = q.device
-    bufs = pools if isinstance(pools, KeyBuffers) else None
-    if bufs is not None and not bufs.paged:
-        raise TypeError("pools is a varlen KeyBuffers (from varlen_buffers); use page_pools")
-    pool_list = None if bufs is not None else _pool_list(pools)
-    dev = bufs.base.device if bufs is not None else pool_list[0].device
-    if dev != device:
-        raise ValueError(f"pools are on {dev} but the queries are on {device}")
+    B = prepared.q.shape[1]
+    device = prepared.q.device
+    bufs, limit = _key_source(pools, True, prepared)
     Bt, width = _check_table(page_table, n_chunks, device)
     if Bt != B:
         raise ValueError(f"page_table has {Bt} requests but the queries have B={B}")
     M = _resolve_max_chunks(max_chunks, width * C.PAGE_CHUNKS, "64 * page_table.shape[1]")
-    if bufs is None:
-        n_layers = len(pool_list) if _per_layer_pool(pools) else None
-        limit = min(p.shape[0] for p in pool_list)
-    else:
-        n_layers, limit = bufs.n_layers, bufs.limit
-    _check_layers(n_layers, L, "pools")
-    if bufs is None:
-        _require_held_buffers(n_layers, device, "pools", "paged.page_pools")
     _check_paged_values(page_table, n_chunks, limit, M)
     # The lengths the kernel uses (clamped as it clamps them), a fresh tensor: never an alias
     # of the caller's n_chunks.
@@ -635,28 +620,12 @@ def score_varlen(prepared, keys, cu_chunks: torch.Tensor, *, max_chunks: int | N
     values on the host (a sync).
     """
     logit_offset = _check_scoring(prepared, ensemble, logit_offset)
-    q = prepared.q
-    L, B = q.shape[:2]
-    device = q.device
-    bufs = keys if isinstance(keys, KeyBuffers) else None
-    if bufs is not None and bufs.paged:
-        raise TypeError("keys is a paged KeyBuffers (from page_pools); use varlen_buffers")
-    key_list = None if bufs is not None else _varlen_list(keys)
-    dev = bufs.base.device if bufs is not None else key_list[0].device
-    if dev != device:
-        raise ValueError(f"keys are on {dev} but the queries are on {device}")
-    Bc = _check_cu(cu_chunks, device)
+    B = prepared.q.shape[1]
+    bufs, rows_avail = _key_source(keys, False, prepared)
+    Bc = _check_cu(cu_chunks, prepared.q.device)
     if Bc != B:
         raise ValueError(f"cu_chunks describes {Bc} requests (shape {tuple(cu_chunks.shape)}) "
                          f"but the queries have B={B}")
-    if bufs is None:
-        n_layers = len(key_list) if _per_layer_varlen(keys) else None
-        rows_avail = min(k.shape[0] for k in key_list)
-    else:
-        n_layers, rows_avail = bufs.n_layers, bufs.limit
-    _check_layers(n_layers, L, "keys")
-    if bufs is None:
-        _require_held_buffers(n_layers, device, "keys", "paged.varlen_buffers")
     cu64 = cu_chunks.to(torch.int64)
     n64 = cu64[1:] - cu64[:-1]
     if max_chunks is None:
@@ -671,6 +640,33 @@ def score_varlen(prepared, keys, cu_chunks: torch.Tensor, *, max_chunks: int | N
     scores, logits = _launch(prepared, kb, cu_chunks, None, M, ensemble, logit_offset,
                              return_logits)
     return BatchScores(scores, logits, n64.clamp(0, M))
+
+
+def _key_source(keys, paged: bool, prepared) -> tuple[KeyBuffers | None, int]:
+    """Check a key argument of the batched ops against the queries: the right kind of
+    KeyBuffers, the queries' device, one buffer or ``L`` per-layer ones (held as a KeyBuffers
+    under graph capture). Returns ``(keys if already a KeyBuffers else None, limit)``, where
+    ``limit`` is the smallest buffer's pages (paged) or rows (varlen)."""
+    what, builder = ("pools", "page_pools") if paged else ("keys", "varlen_buffers")
+    L, device = prepared.q.shape[0], prepared.q.device
+    if isinstance(keys, KeyBuffers):
+        if keys.paged != paged:
+            other = "varlen_buffers" if paged else "page_pools"
+            raise TypeError(f"{what} is a {'varlen' if paged else 'paged'} KeyBuffers (from "
+                            f"{other}); use {builder}")
+        bufs, dev, n_layers, limit = keys, keys.base.device, keys.n_layers, keys.limit
+    else:
+        found = _pool_list(keys) if paged else _varlen_list(keys)
+        bufs, dev = None, found[0].device
+        per_layer = _per_layer_pool(keys) if paged else _per_layer_varlen(keys)
+        n_layers = len(found) if per_layer else None
+        limit = min(b.shape[0] for b in found)
+    if dev != device:
+        raise ValueError(f"{what} are on {dev} but the queries are on {device}")
+    _check_layers(n_layers, L, what)
+    if bufs is None:
+        _require_held_buffers(n_layers, device, what, f"paged.{builder}")
+    return bufs, limit
 
 
 def _launch(prepared, keys: KeyBuffers, lengths, page_table, M, ensemble, logit_offset,

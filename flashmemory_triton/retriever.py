@@ -214,12 +214,7 @@ class FlashMemoryRetriever(nn.Module):
         V.compressed_keys("compressed_k", compressed_k, self.head_dim)
         per_layer_hidden = hidden.dim() == 3
         per_layer_keys = compressed_k.dim() == 4
-        if hidden.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden last dim must be the weights' hidden size "
-                             f"{self.hidden_size}, got {V.describe(hidden)}")
-        if per_layer_hidden and hidden.shape[0] != L:
-            raise ValueError(f"per-layer hidden must be [L={L}, B, {self.hidden_size}] "
-                             f"(layers {self.layer_names}), got {V.describe(hidden)}")
+        self._check_hidden_dims(hidden)
         if per_layer_keys and compressed_k.shape[0] != L:
             raise ValueError(f"per-layer compressed_k must be [L={L}, B, N, 132] "
                              f"(layers {self.layer_names}), got {V.describe(compressed_k)}")
@@ -348,9 +343,8 @@ class FlashMemoryRetriever(nn.Module):
         return self._score_rows_batch(hidden, rows, positions, cu[1:] - cu[:-1], mode,
                                       return_logits)
 
-    def _check_hidden(self, hidden, positions, batch):
-        """The hidden/positions half of :meth:`_check_inputs` (keys are checked by the op)."""
-        V.tensor("hidden", hidden, floating=True, ndims=(2, 3))
+    def _check_hidden_dims(self, hidden):
+        """``hidden``'s last dim is the weights' hidden size; per-layer hidden has L rows."""
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden last dim must be the weights' hidden size "
                              f"{self.hidden_size}, got {V.describe(hidden)}")
@@ -358,6 +352,11 @@ class FlashMemoryRetriever(nn.Module):
             raise ValueError(f"per-layer hidden must be [L={self.n_layers}, B, "
                              f"{self.hidden_size}] (layers {self.layer_names}), got "
                              f"{V.describe(hidden)}")
+
+    def _check_hidden(self, hidden, positions, batch):
+        """The hidden/positions half of :meth:`_check_inputs` (keys are checked by the op)."""
+        V.tensor("hidden", hidden, floating=True, ndims=(2, 3))
+        self._check_hidden_dims(hidden)
         if batch is not None and hidden.shape[-2] != batch:
             raise ValueError(f"hidden batch {hidden.shape[-2]} does not match the key batch's "
                              f"{batch} requests (hidden {V.describe(hidden)})")

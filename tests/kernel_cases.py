@@ -76,3 +76,13 @@ def dot_error_bound(q_a, q_b, w, compressed_k) -> torch.Tensor:
 
 def logit_of(threshold: float) -> float:
     return math.log(threshold / (1 - threshold))
+
+
+def retriever_states(gen: torch.Generator, hidden: int = 64, rank: int = 32, heads: int = 8):
+    """Small random retriever weights for every release layer, drawn from ``gen`` (scaled so
+    the logits are O(1) and both signs of the ReLU inputs occur)."""
+    return {name: {"wq_a.weight": torch.randn(rank, hidden, generator=gen) / 8,
+                   "wq_b.weight": torch.randn(heads * C.HEAD_DIM, rank, generator=gen) / 6,
+                   "q_norm_weight": 1 + 0.1 * torch.randn(rank, generator=gen),
+                   "weights_proj.weight": torch.randn(heads, hidden, generator=gen)}
+            for name in C.LAYER_NAMES}

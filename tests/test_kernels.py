@@ -20,7 +20,8 @@ from flashmemory_triton.kernels import PRECISIONS
 from flashmemory_triton.kernels.score import fused_score_launch
 from flashmemory_triton.utils import _device
 
-from kernel_cases import assert_close, dot_error_bound, logit_of, logits_f64, make_keys
+from kernel_cases import (assert_close, dot_error_bound, logit_of, logits_f64, make_keys,
+                          retriever_states)
 
 pytestmark = pytest.mark.interpreter
 
@@ -265,11 +266,7 @@ def test_retriever_triton_backend_matches_torch(precision, dtype, device):
     from flashmemory_triton import FlashMemoryRetriever
     gen = _gen(5)
     hidden, rank, H = 64, 32, 8
-    states = {n: {"wq_a.weight": torch.randn(rank, hidden, generator=gen) / 8,
-                  "wq_b.weight": torch.randn(H * C.HEAD_DIM, rank, generator=gen) / 6,
-                  "q_norm_weight": 1 + 0.1 * torch.randn(rank, generator=gen),
-                  "weights_proj.weight": torch.randn(H, hidden, generator=gen)}
-              for n in C.LAYER_NAMES}
+    states = retriever_states(gen, hidden, rank, H)
     B, N = 3, 65
     keys = make_keys((3, B, N), gen).to(device)
     h_shared = torch.randn(B, hidden, generator=gen).to(device)

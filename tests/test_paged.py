@@ -19,7 +19,7 @@ from flashmemory_triton import reference as ref
 from flashmemory_triton.kernels import PRECISIONS
 from flashmemory_triton.selection import engine_page_ids, select_resident
 
-from kernel_cases import assert_close, logits_f64, make_keys
+from kernel_cases import assert_close, logits_f64, make_keys, retriever_states
 
 pytestmark = pytest.mark.interpreter
 
@@ -426,11 +426,7 @@ def test_retriever_paged_and_varlen_api(device):
     from flashmemory_triton import FlashMemoryRetriever
     gen = _gen(81)
     hidden, rank, H = 64, 32, 8
-    states = {name: {"wq_a.weight": torch.randn(rank, hidden, generator=gen) / 8,
-                     "wq_b.weight": torch.randn(H * C.HEAD_DIM, rank, generator=gen) / 6,
-                     "q_norm_weight": 1 + 0.1 * torch.randn(rank, generator=gen),
-                     "weights_proj.weight": torch.randn(H, hidden, generator=gen)}
-              for name in C.LAYER_NAMES}
+    states = retriever_states(gen, hidden, rank, H)
     lengths = [65, 0, 3]
     reqs = [make_keys((3, n), gen) for n in lengths]
     pool, table, n_chunks, _ = _paged(reqs, gen)
