@@ -328,14 +328,7 @@ def varlen_to_rows(keys, cu_chunks: torch.Tensor, max_chunks: int | None = None)
     keys = _unwrap(keys)
     bufs = _varlen_list(keys)
     B = _check_cu(cu_chunks, bufs[0].device)
-    cu = cu_chunks.to(torch.int64)
-    n = cu[1:] - cu[:-1]
-    if max_chunks is None:
-        M = max(int(n.max()), 0) if B else 0  # host sync
-    else:
-        M = _resolve_max_chunks(max_chunks, 0, "the longest request")
-    # A request longer than max_chunks is refused, as on the triton backend (never truncated).
-    _check_cu_values(cu_chunks, min(k.shape[0] for k in bufs), M)
+    cu, n, M = _varlen_lengths(cu_chunks, min(k.shape[0] for k in bufs), max_chunks)
     idx = cu[:-1, None] + torch.arange(M, device=cu.device)[None, :]
     real = torch.arange(M, device=cu.device)[None, :] < n[:, None]
     out = []
@@ -543,6 +536,20 @@ def _check_cu(cu_chunks, device) -> int:
     return cu_chunks.shape[0] - 1
 
 
+def _varlen_lengths(cu_chunks, rows: int, max_chunks: int | None):
+    """int64 ``cu``, the lengths ``n [B]`` and the output width ``M`` (``max_chunks``, or the
+    longest request: a host sync), after the value checks: a request longer than ``M`` is
+    refused on every backend, never truncated."""
+    cu = cu_chunks.to(torch.int64)
+    n = cu[1:] - cu[:-1]
+    if max_chunks is None:
+        M = max(int(n.max()), 0) if n.numel() else 0  # host sync
+    else:
+        M = _resolve_max_chunks(max_chunks, 0, "the longest request")
+    _check_cu_values(cu_chunks, rows, M)
+    return cu, n, M
+
+
 def _check_cu_values(cu_chunks, rows: int, max_chunks: int | None) -> None:
     if not V.values_readable(cu_chunks.device) or cu_chunks.shape[0] < 2:
         return
@@ -626,13 +633,7 @@ def score_varlen(prepared, keys, cu_chunks: torch.Tensor, *, max_chunks: int | N
     if Bc != B:
         raise ValueError(f"cu_chunks describes {Bc} requests (shape {tuple(cu_chunks.shape)}) "
                          f"but the queries have B={B}")
-    cu64 = cu_chunks.to(torch.int64)
-    n64 = cu64[1:] - cu64[:-1]
-    if max_chunks is None:
-        M = max(int(n64.max()), 0) if B else 0  # host sync
-    else:
-        M = _resolve_max_chunks(max_chunks, 0, "the longest request")
-    _check_cu_values(cu_chunks, rows_avail, M)
+    _, n64, M = _varlen_lengths(cu_chunks, rows_avail, max_chunks)
     if prepared.backend == "torch":
         rows = varlen_to_rows(_unwrap(keys), cu_chunks, M)
         return _score_rows_torch(prepared, rows, n64, M, ensemble, logit_offset, return_logits)
