@@ -26,7 +26,7 @@ import torch
 #   bf16: u = 2**-8 = 3.9e-3 on q and, in torch paths, on the matmul output -> ~2e-3
 #         measured (torch_fast); 1e-2.
 #   fp8:  e4m3 has 3 mantissa bits, half an ulp is 2**-4 relative -> ~2.5e-2 for per-head
-#         scaled q; 5e-2. (The serving stack runs this mode; SPEC 5.)
+#         scaled q; 5e-2. (The serving stack runs this mode; design §5.)
 TOLERANCE = {"fp32": 1e-5, "tf32": 1e-3, "bf16": 1e-2, "fp8": 5e-2}
 FP32_SCORE_ROUNDING = 1e-6  # a few ulps of a sigmoid output near 1
 

@@ -17,7 +17,7 @@ from flashmemory_triton import reference as ref
 
 def release_queries(q_proj: torch.Tensor, positions: torch.Tensor,
                     max_position: int) -> torch.Tensor:
-    """Projected ``q [L, B, H, D]`` -> scoring-ready fp32 queries (SPEC 3 steps 5-6)."""
+    """Projected ``q [L, B, H, D]`` -> scoring-ready fp32 queries (design §3 steps 5-6)."""
     rows = ref.freqs_cis_at(positions, max_position)
     return torch.stack([ref.prepare_query(q, rows) for q in q_proj])
 

@@ -1,6 +1,6 @@
 """Counted work, the card's own ceilings, and where each kernel sits under them.
 
-FLOPs and bytes are COUNTED from the algorithm (SPEC 5), never read from a profiler, so every
+FLOPs and bytes are COUNTED from the algorithm (design §5), never read from a profiler, so every
 provider of a shape gets the same numbers and a faster provider is one that does the same
 work in less time. The ceilings are measured in the same run: a large matmul per precision and
 a large device copy (bytes read + bytes written, the convention the counted bytes use).

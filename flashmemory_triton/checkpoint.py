@@ -1,4 +1,4 @@
-"""Loading FlashMemory checkpoints: files on disk and the Hugging Face hub (SPEC 8).
+"""Loading FlashMemory checkpoints: files on disk and the Hugging Face hub (design §8).
 
 Formats
 -------

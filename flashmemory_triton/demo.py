@@ -20,11 +20,11 @@ from . import constants as C
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_N_CHUNKS = 4096  # 16K tokens of context: a second per call on two CPU cores
-DEFAULT_TOPK_FRACTION = 0.10  # the deployed budget is about 10% of history (SPEC 6)
+DEFAULT_TOPK_FRACTION = 0.10  # the deployed budget is about 10% of history (design §6)
 _PREVIEW = 12  # scores / indices shown per row
 
 
-# --- argparse value types: bad values become one-line argparse errors (exit 2) ---------------
+# --- argparse value types: bad values become one-line argparse errors (exit 2) -------------------
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:

@@ -1,4 +1,4 @@
-"""The offload engine: full chunk history in host memory, a fixed device reserve (SPEC 7).
+"""The offload engine: full chunk history in host memory, a fixed device reserve (design §7).
 
 :class:`ChunkHistory` is the append-only host store (one job: hold every chunk's bytes).
 :class:`OffloadEngine` keeps a fixed number of *cells* on the device, each holding one page of

@@ -2,7 +2,7 @@
 
 Two steps, usable separately so an engine can keep its own projections:
 
-* :func:`prepare_queries`: projected q ``[L, B, H, D]`` (SPEC 3 step 4, before rounding) and
+* :func:`prepare_queries`: projected q ``[L, B, H, D]`` (design §3 step 4, before rounding) and
   head weights ``[L, B, H]`` -> :class:`PreparedQueries` (bf16 rounding, RoPE, Hadamard and,
   in fp8 mode, per-head e4m3 quantization with the scale folded into the weights);
 * :func:`score_prepared`: prepared queries + compressed keys -> ensemble scores ``[B, N]``
@@ -63,7 +63,7 @@ def _resolve_precision(precision: str | None) -> str:
 def prepare_queries(q_proj: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, *,
                     max_position: int = C.MAX_POSITION_RELEASE, precision: str | None = None,
                     backend: str = "auto", rope_freqs: torch.Tensor | None = None) -> PreparedQueries:
-    """Round, rotate and Hadamard-transform projected queries (SPEC 3 steps 5-6).
+    """Round, rotate and Hadamard-transform projected queries (design §3 steps 5-6).
 
     ``q_proj`` float ``[L, B, H, D]`` (or ``[B, H, D]`` for one layer), ``w`` float
     ``[L, B, H]`` (or ``[B, H]``) already multiplied by the weight scale, ``positions`` int
@@ -105,7 +105,7 @@ def prepare_queries(q_proj: torch.Tensor, w: torch.Tensor, positions: torch.Tens
 
 
 def quantize_fp8_per_head(q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Serving-stack fp8 q (SPEC 5): per-head scale ``max(amax, 1e-4) / 448``, q rounded to
+    """Serving-stack fp8 q (design §5): per-head scale ``max(amax, 1e-4) / 448``, q rounded to
     e4m3 (returned as float32 holding e4m3 values), scale folded into ``w``."""
     amax = q.abs().amax(dim=-1)
     scale = amax.clamp_min(C.FP8_QUANT_MIN_AMAX) / C.FP8_E4M3_MAX
@@ -208,7 +208,7 @@ def score_chunks(q_proj: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
 
 
 def project_queries(retriever, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All layers' projections in batched GEMMs (SPEC 3 steps 1-4 and 7).
+    """All layers' projections in batched GEMMs (design §3 steps 1-4 and 7).
 
     ``hidden [B, hidden]`` (shared: one GEMM against every layer's stacked ``wq_a`` and
     ``weights_proj``) or ``[L, B, hidden]`` (per layer: one batched matmul). Runs in the

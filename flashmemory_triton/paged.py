@@ -1,4 +1,4 @@
-"""Serving batches: the paged split format, variable-length rows, and converters (SPEC 4).
+"""Serving batches: the paged split format, variable-length rows, and converters (design §4).
 
 Formats
 -------
@@ -10,7 +10,7 @@ Paged split format (DeepSeek-V4 serving engines)
     ``page_table [B, max_pages]`` (int32 or int64: request ``b``'s chunks ``64 j .. 64 j + 63``
     are in page ``page_table[b, j]``) and ``n_chunks [B]``. Only the split layout is accepted,
     always with the page as the last dim of 8448 bytes: a ``[P, 64, 132]`` tensor is refused
-    because its bytes would be read as ROW-format chunks (SPEC 10); if such a tensor does hold
+    because its bytes would be read as ROW-format chunks (design §10); if such a tensor does hold
     split-layout bytes, pass ``.view(P, 8448)``; if it holds rows, convert with
     :func:`rows_to_pages`.
 Varlen row format

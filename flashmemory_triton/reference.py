@@ -1,4 +1,4 @@
-"""Pure-torch reference of the FlashMemory retriever (SPEC sections 3-5).
+"""Pure-torch reference of the FlashMemory retriever (design §3-§5).
 
 This is the oracle every kernel is checked against and the ``backend="torch"`` path of
 :class:`~flashmemory_triton.FlashMemoryRetriever`. It is written to be read next to the spec:
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-# --- key side (SPEC 4) ----------------------------------------------------------------------
+# --- key side (design §4) -----------------------------------------------------------------------
 def dequant_compressed_k(compressed_k: torch.Tensor, head_dim: int = C.HEAD_DIM,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Row format ``uint8 [..., N, head_dim + 4]`` -> keys ``[..., N, head_dim]``.
@@ -68,7 +68,7 @@ def nonfinite_chunks(compressed_k: torch.Tensor, head_dim: int = C.HEAD_DIM) -> 
     return nan_byte | ~torch.isfinite(scale)
 
 
-# --- RoPE (SPEC 3, YaRN, no mscale) ---------------------------------------------------------
+# --- RoPE (design §3, YaRN, no mscale) ----------------------------------------------------------
 def _yarn_correction_dim(n_rot: float, dim: int, base: float, original_seq_len: int) -> float:
     return dim * math.log(original_seq_len / (n_rot * 2 * math.pi)) / (2 * math.log(base))
 
@@ -88,7 +88,7 @@ def rope_mixed_freqs(dim: int = C.ROPE_DIM, base: float = C.ROPE_THETA,
                      original_seq_len: int = C.ROPE_ORIGINAL_SEQ_LEN,
                      beta_fast: int = C.ROPE_BETA_FAST,
                      beta_slow: int = C.ROPE_BETA_SLOW) -> torch.Tensor:
-    """The ``dim // 2`` YaRN-mixed inverse frequencies, float32 (SPEC 3)."""
+    """The ``dim // 2`` YaRN-mixed inverse frequencies, float32 (design §3)."""
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     low, high = yarn_ramp_bounds(dim, base, original_seq_len, beta_fast, beta_slow)
     i = torch.arange(dim // 2, dtype=torch.float32)
@@ -144,7 +144,7 @@ def apply_rope(q: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor
     return torch.cat([q_pass, q_rot], dim=-1)
 
 
-# --- Hadamard (SPEC 3 step 6) ---------------------------------------------------------------
+# --- Hadamard (design §3 step 6) ----------------------------------------------------------------
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """Normalized Walsh-Hadamard transform over the last dim, natural (Sylvester) order.
 
@@ -165,7 +165,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     return out / math.sqrt(n)
 
 
-# --- query side (SPEC 3) --------------------------------------------------------------------
+# --- query side (design §3) ---------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = C.RMS_NORM_EPS) -> torch.Tensor:
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
 
@@ -204,7 +204,7 @@ def query_side(hidden: torch.Tensor, weights: dict[str, torch.Tensor], positions
     return prepare_query(q, rows, dtype), w
 
 
-# --- score (SPEC 5) -------------------------------------------------------------------------
+# --- score (design §5) --------------------------------------------------------------------------
 def score_logits(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor,
                  logit_offset: float = 0.0) -> torch.Tensor:
     """``logit[b, n] = sum_h relu(k[b, n] . q[b, h]) * w[b, h] + logit_offset``.

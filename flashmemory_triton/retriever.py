@@ -1,4 +1,4 @@
-"""``FlashMemoryRetriever``: the release's API (SPEC 9) on a torch or Triton backend."""
+"""``FlashMemoryRetriever``: the release's API (design §9) on a torch or Triton backend."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def split_joint_state(state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, di
         if not key.startswith(C.JOINT_PREFIX):
             continue
         layer, _, param = key[len(C.JOINT_PREFIX):].partition(".")
-        if param == "freqs_cis":  # recomputed, never loaded (SPEC 8)
+        if param == "freqs_cis":  # recomputed, never loaded (design §8)
             continue
         layers.setdefault(layer, {})[param] = value
     return layers

@@ -1,4 +1,4 @@
-"""Resident sets: turning ensemble scores into the chunks that stay on the GPU (SPEC 6).
+"""Resident sets: turning ensemble scores into the chunks that stay on the GPU (design §6).
 
 :func:`select_resident` implements the serving stack's three selection modes:
 
@@ -96,7 +96,7 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 class ThresholdFallback:
-    """Per-request state of the "threshold fallback" (SPEC 6, off unless passed).
+    """Per-request state of the "threshold fallback" (design §6, off unless passed).
 
     Each :func:`select_resident` call adds the row's hits and real chunks to running totals;
     once ``total_hits / total_chunks > bound`` (strict) the row switches to full attention and

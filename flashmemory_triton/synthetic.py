@@ -2,12 +2,12 @@
 
 The real weights (``libertywing/FlashMemory-Deepseek-V4``) cannot always be downloaded, so the
 demo, the tests and the benchmarks fall back on a synthetic joint checkpoint in the exact
-release format (SPEC 8): keys ``retrievers.<layer>.<param>``, fp32, 510 MB at full size.
+release format (design §8): keys ``retrievers.<layer>.<param>``, fp32, 510 MB at full size.
 
 How the weights are built (and why)
 -----------------------------------
 A layer's logit is ``sum_h relu(k . q_h) * w_h`` with ``w = (x @ weights_proj.T) / sqrt(H*D)``
-(SPEC 5). ``q`` and ``w`` are both odd in ``x``, so for a hidden state distribution symmetric
+(design §5). ``q`` and ``w`` are both odd in ``x``, so for a hidden state distribution symmetric
 around 0 the mean logit over chunks is as often positive as negative: half of the rows would
 keep most chunks and half almost none, whatever the weights. Real residual streams are not
 symmetric: every token shares a strong common component (the anisotropy / "massive
@@ -71,7 +71,7 @@ __all__ = [
 
 SYNTHETIC_VERSION = 1  # bump whenever the generated tensors change
 
-# Full size of the embedded default checkpoint (the release's shapes, SPEC 2).
+# Full size of the embedded default checkpoint (the release's shapes, design §2).
 DEFAULT_SHAPE = {"hidden": C.HIDDEN_SIZE, "rank": C.Q_LORA_RANK,
                  "n_heads": C.DEFAULT_N_HEADS, "head_dim": C.HEAD_DIM}
 DEFAULT_SEED = 0
@@ -83,7 +83,7 @@ LOGIT_GAIN = 56.0  # S: per-layer logit std ~2.7 at the mock key scales
 Q_NORM_RANGE = (0.75, 1.25)  # q_norm_weight gains, uniform and positive like trained RMSNorm
 _SHARED_COMPONENT_SEED = 0x5EED_F1A5  # fixed: the shared hidden component never varies
 
-# The release demo's mock keys (SPEC 9): fp8 = e4m3(randn * 0.5), scales uniform [0.05, 0.2].
+# The release demo's mock keys (design §9): fp8 = e4m3(randn * 0.5), scales uniform [0.05, 0.2].
 MOCK_KEY_STD = 0.5
 MOCK_SCALE_RANGE = (0.05, 0.2)
 
@@ -223,7 +223,7 @@ def mock_compressed_k(batch: int, n_chunks: int, generator: torch.Generator | No
     """Mock compressed keys exactly as the release demo builds them, ``uint8 [B, N, head_dim+4]``.
 
     ``head_dim`` e4m3fn bytes of ``randn * 0.5`` then a little-endian float32 scale uniform in
-    ``[0.05, 0.2]``, both drawn from ``generator`` in that order (SPEC 4 and 9).
+    ``[0.05, 0.2]``, both drawn from ``generator`` in that order (design §4 and 9).
     """
     batch = _positive_int("batch", batch)
     if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 0:

@@ -3,13 +3,13 @@
 The reference (:mod:`flashmemory_triton.reference`) reproduces the release: it dequantizes the
 whole key tensor to fp32 and materializes fp32 ``[B, N, H]`` dot products per layer, so its
 memory grows with ``B * N * H * 4`` bytes (16 GB at B = 32, N = 1M) and it runs without tensor
-cores. This module computes the same SPEC 5 score with ordinary torch ops a serving engine can
+cores. This module computes the same design §5 score with ordinary torch ops a serving engine can
 ship where Triton is unavailable:
 
 * the e4m3 bytes are decoded to bf16 (exact: every e4m3 value is a bf16 value) and multiplied
   by bf16 queries with one batched matmul for all layers that share a key buffer;
 * the per-chunk scale is factored out of the dot product as
-  ``relu(s * x) = |s| * relu(sign(s) * x)``, which holds for every sign of ``s`` (SPEC 5 warns
+  ``relu(s * x) = |s| * relu(sign(s) * x)``, which holds for every sign of ``s`` (design §5 warns
   that ``relu(s * x) = s * relu(x)`` needs ``s > 0``);
 * chunks are processed in blocks sized so the temporaries stay under ``block_bytes``.
 

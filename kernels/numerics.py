@@ -54,7 +54,7 @@ def round_to_bf16(x):
 
     Written with integer ops because ``.to(tl.bfloat16)`` rounds differently across targets
     (the interpreter truncates; ``fp_downcast_rounding`` is ignored there), and the model's q
-    rounding (SPEC 3.5) must be round-to-nearest-even everywhere to match torch. The result
+    rounding (design §3 step 5) must be round-to-nearest-even everywhere to match torch. The result
     is exactly representable in bf16, so a later ``.to(tl.bfloat16)`` is exact. NaN stays NaN;
     overflow rounds to inf as in torch.
     """

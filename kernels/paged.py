@@ -6,7 +6,7 @@ per request. This kernel scores every layer of every request in ONE launch, read
 where a serving engine keeps them:
 
 ``PAGED``
-    The paged split format (SPEC 4): pages of 64 chunks, each ``[64 x 128 e4m3 bytes]
+    The paged split format (design §4): pages of 64 chunks, each ``[64 x 128 e4m3 bytes]
     [64 x 4-byte float32 scales]`` (8448 bytes); request ``b``'s chunk ``n`` lives in page
     ``page_table[b, n // 64]`` at slot ``n % 64`` and the request has ``n_chunks[b]`` chunks.
 ``VARLEN``

@@ -1,16 +1,16 @@
 """Query-side kernel: bf16 rounding, interleaved RoPE, normalized Hadamard, fp8 quantization.
 
-Input is the projected q (SPEC 3 step 4) of every layer and row, ``[L*B, H, D]`` float32, and
+Input is the projected q (design §3 step 4) of every layer and row, ``[L*B, H, D]`` float32, and
 the head weights ``[L*B, H]``. One program handles one (layer, row) and a block of heads:
 
-1. round all of q to bf16 (SPEC 3.5);
+1. round all of q to bf16 (design §3 step 5);
 2. rotate the last ``ROPE_DIM`` dims as interleaved complex pairs by the row's
    ``cos + i sin`` (the RoPE table row, gathered on the host side), rounding the result to
    bf16 again as the release does after its complex64 product;
 3. Hadamard: ``q @ H_D / sqrt(D)`` with the Sylvester matrix built in registers from
    ``(-1) ** popcount(i & j)``, as three exact-fp32 dots over the untouched, even and odd dims;
 4. store q in the scoring dtype; in ``fp8`` mode quantize each head to e4m3 with scale
-   ``max(amax, 1e-4) / 448`` and fold that scale into the head weight (SPEC 5).
+   ``max(amax, 1e-4) / 448`` and fold that scale into the head weight (design §5).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def query_prep_kernel(
     q_pass = tl.load(base + i_pass[None, :], mask=hmask[:, None], other=0.0)
     q_even = tl.load(base + PASS + 2 * i_half[None, :], mask=hmask[:, None], other=0.0)
     q_odd = tl.load(base + PASS + 2 * i_half[None, :] + 1, mask=hmask[:, None], other=0.0)
-    # SPEC 3.5: the WHOLE q is rounded to bf16 before RoPE.
+    # design §3 step 5: the WHOLE q is rounded to bf16 before RoPE.
     q_pass = round_to_bf16(q_pass)
     q_even = round_to_bf16(q_even)
     q_odd = round_to_bf16(q_odd)

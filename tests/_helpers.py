@@ -1,6 +1,6 @@
 """Small, dependency-free builders and checks shared by the tests.
 
-Everything here is written from ``SPEC.md`` directly (bit layouts, rounding rules) and never
+Everything here is written from ``docs/design.md`` directly (bit layouts, rounding rules) and never
 calls into ``flashmemory_triton.reference``, so the tests that use it stay independent of the
 code they check.
 """
@@ -57,7 +57,7 @@ def sylvester_hadamard(n: int, dtype=torch.float64) -> torch.Tensor:
     return h
 
 
-# --- compressed keys (row format, SPEC 4) -----------------------------------------------------
+# --- compressed keys (row format, design §4) ----------------------------------------------------
 def pack_compressed_k(fp8_bytes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Row format ``uint8 [..., N, D + 4]`` from e4m3 bytes ``[..., N, D]`` and scales ``[..., N]``.
 

@@ -184,7 +184,7 @@ def test_counted_work_matches_the_spec_cost_model():
     assert work.flops == 3 * sweeps.HEADLINE_N * per_chunk == 3 * 262144 * 32768
     q_and_w = 3 * 128 * (128 + 1) * 4
     assert work.bytes == sweeps.HEADLINE_N * (C.CHUNK_BYTES + 4) + q_and_w
-    # SPEC 5: ~745 FLOP/byte on the keys alone (shared), ~248 with a buffer per layer.
+    # design §5: ~745 FLOP/byte on the keys alone (shared), ~248 with a buffer per layer.
     assert 3 * per_chunk / C.CHUNK_BYTES == pytest.approx(745, rel=1e-3)
     per_layer = scoring_work(headline._replace(layout="per_layer"), dims)
     assert per_layer.bytes - work.bytes == 2 * sweeps.HEADLINE_N * C.CHUNK_BYTES

@@ -1,4 +1,4 @@
-"""OffloadEngine (SPEC 7): byte-level checks of the reserve and lookup table after every cycle."""
+"""OffloadEngine (design §7): byte checks of the reserve and lookup table after every cycle."""
 
 from __future__ import annotations
 

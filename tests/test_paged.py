@@ -337,13 +337,13 @@ def test_unvalidated_bad_page_ids_read_nothing(device):
         P.score_paged(prep, pool.to(device), table.to(device), n_chunks.to(device))
 
 
-# --- conversions (no kernels) -------------------------------------------------------------------
+# --- conversions (no kernels) --------------------------------------------------------------------
 def test_split_page_layout_and_round_trips():
     gen = _gen(61)
     rows = make_keys((3, 130), gen)  # e.g. three layers
     pages = P.rows_to_pages(rows)
     assert pages.shape == (3, 3, C.PAGE_BYTES)
-    # SPEC 4 byte layout: chunk i of page p: fp8 at [128 i, 128 i + 128), scale at 8192 + 4 i.
+    # design §4 byte layout: chunk i of page p: fp8 at [128 i, 128 i + 128), scale at 8192 + 4 i.
     for n in (0, 63, 64, 129):
         p, i = divmod(n, C.PAGE_CHUNKS)
         assert torch.equal(pages[1, p, 128 * i:128 * (i + 1)], rows[1, n, :128])

@@ -1,12 +1,12 @@
-"""The pure-torch reference (``flashmemory_triton.reference``) against SPEC 3-5.
+"""The pure-torch reference (``flashmemory_triton.reference``) against design §3-§5.
 
-The oracle below is written from SPEC.md in float64 and shares no code with reference.py:
+The oracle below is written from docs/design.md in float64 and shares no code with reference.py:
 e4m3 decoding from the bits, bf16 rounding from its definition, RoPE with explicit cos/sin,
 Hadamard through the Sylvester matrix, the per-head relu dot in float64.
 
 How the bf16 rounding of q is compared honestly
 -----------------------------------------------
-SPEC 3 step 5 rounds q to bf16 twice (all of q, then the rotated half after the complex64
+design §3 step 5 rounds q to bf16 twice (all of q, then the rotated half after the complex64
 multiply). Rounding is a step function: a value computed in fp32 and the same value computed
 in float64 can sit on opposite sides of a bf16 rounding midpoint and then differ by a whole
 bf16 ulp (2**-8 relative), far more than any fp32 error. So the end-to-end check is split:
@@ -43,16 +43,16 @@ ROPE = 64
 PARAMS = ("wq_a.weight", "wq_b.weight", "q_norm_weight", "weights_proj.weight")
 
 
-# --- the float64 oracle, from SPEC ----------------------------------------------------------
+# --- the float64 oracle, from docs/design.md -----------------------------------------------------
 def spec_ramp_bounds():
-    """YaRN ramp bounds from SPEC 3, in float64 python math."""
+    """YaRN ramp bounds from design §3, in float64 python math."""
     def corr(n):
         return 64 * math.log(65536 / (n * 2 * math.pi)) / (2 * math.log(160000))
     return max(math.floor(corr(32)), 0), min(math.ceil(corr(1)), 31)
 
 
 def spec_mixed_freqs(dtype):
-    """SPEC 3's mixed inverse frequencies. The spec defines the table in fp32, so the oracle's
+    """design §3's mixed inverse frequencies. The spec defines the table in fp32, so the oracle's
     RoPE uses this formula evaluated in fp32 (``dtype=torch.float32``): at position 5e5 one
     fp32 ulp of a frequency moves the angle by ~0.03 rad, so only the exact fp32 numbers are
     comparable. ``torch.float64`` gives the exact-math values for a sanity bound."""
@@ -124,7 +124,7 @@ def _round_with_slack(v, e):
 
 
 def oracle_logits(q_pre, e1, w, sig_w, k, positions, max_position, u):
-    """SPEC 3 steps 5-6 and SPEC 5 in float64, plus an elementwise tolerance for the reference.
+    """design §3 steps 5-6 and §5 in float64, plus an elementwise tolerance for the reference.
 
     ``q_pre [B, H, D]``: the values the reference rounds to bf16; ``e1``: how far the
     reference's values may be from ``q_pre`` (0 when they are the same numbers);
@@ -301,7 +301,7 @@ def _half_bf16(q, rows, dtype=torch.float32):
     pytest.param("apply_rope", _first64_rope, id="rope-first-64-dims"),
 ])
 def test_oracle_check_detects(target, mutant, monkeypatch, device):
-    """The end-to-end tolerance is tight enough to catch each classic mistake of SPEC 10."""
+    """The end-to-end tolerance is tight enough to catch each classic mistake of design §10."""
     weights, hidden, ck = sample_inputs(3, 65, 4, seed=3, device=device)
     pos = torch.tensor([1, 4095, 40960], device=device)
     _check_layer(weights, hidden, ck, pos, 4096, "unmutated")  # passes as is
@@ -311,7 +311,7 @@ def test_oracle_check_detects(target, mutant, monkeypatch, device):
 
 
 def test_prepared_query_is_on_the_bf16_grid(device):
-    """All 128 dims of q pass through bf16 (SPEC 3 step 5: the WHOLE q, then the rotated half
+    """All 128 dims of q pass through bf16 (design §3 step 5: the WHOLE q, then the rotated half
     again); the un-rotated half is exactly bf16(q)."""
     g = torch.Generator().manual_seed(11)
     q = (torch.randn(3, 8, D, generator=g) * 3).to(device)
@@ -334,7 +334,7 @@ def test_prepared_query_is_on_the_bf16_grid(device):
         f"q before the Hadamard is off the bf16 grid: max distance {float(dist[big].max()):.3e}"
 
 
-# --- RoPE table (SPEC 3) --------------------------------------------------------------------
+# --- RoPE table (design §3) ---------------------------------------------------------------------
 def test_yarn_ramp_bounds():
     assert spec_ramp_bounds() == (15, 25)
     assert ref.yarn_ramp_bounds() == (15, 25)
@@ -374,7 +374,7 @@ def test_precompute_freqs_cis_values():
     diff = (got - want).abs()
     assert float(diff.max()) <= TRIG_ATOL, f"table vs fp32-angle phasors: max-abs {float(diff.max()):.3e}"
     assert torch.equal(table[0], torch.ones(32, dtype=torch.complex64))
-    # The angles are fp32 (SPEC 10: not float64). At position 4095 the fp32 rounding of the
+    # The angles are fp32 (design §10: not float64). At position 4095 the fp32 rounding of the
     # angle (ulp 2.4e-4) is visible: float64 angles would be off by far more than TRIG_ATOL.
     exact_angles = pos.double()[:, None] * spec_mixed_freqs(torch.float64)[None, :]
     assert float((got[-1] - _phasor64(exact_angles)[-1]).abs().max()) > 1e-5
@@ -437,7 +437,7 @@ def test_apply_rope_keeps_dtype_and_norm():
     assert_within(n_out, n_in, 2.0 ** -8 * n_in + 1e-30, "pair norms preserved")
 
 
-# --- Hadamard (SPEC 3 step 6) ---------------------------------------------------------------
+# --- Hadamard (design §3 step 6) ----------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32, 64, 128])
 @pytest.mark.parametrize("shape", [(), (3,), (2, 5), (0,)], ids=["1d", "B3", "2x5", "empty"])
 def test_hadamard_matches_sylvester(n, shape, device):
@@ -470,7 +470,7 @@ def test_hadamard_rejects_non_power_of_two(n):
         ref.hadamard_transform(torch.zeros(2, n))
 
 
-# --- dequantization (SPEC 4) ----------------------------------------------------------------
+# --- dequantization (design §4) -----------------------------------------------------------------
 SCALES = [1.0, 0.0, -0.0, -1.5, 2.0 ** -149, 1e-38, 3.0e38, -3.0e38, float("inf"), 0.1234567]
 
 

@@ -1,4 +1,4 @@
-"""The release API of SPEC 9 on ``FlashMemoryRetriever(backend="torch")``, plus its extensions
+"""The release API of design §9 on ``FlashMemoryRetriever(backend="torch")``, plus its extensions
 (dtype, logit_offset, per-layer hidden/keys, head counts) and its input errors.
 
 The math itself is checked against a float64 oracle in ``test_reference.py``; here every
@@ -209,7 +209,7 @@ def test_layer_names_order_and_subsets(device):
 def test_joint_state_dict_and_freqs_cis_ignored(device):
     model, states = build(device)
     joint = joint_state_dict(states)
-    for name in states:  # a bogus checkpoint RoPE table must be ignored (SPEC 8)
+    for name in states:  # a bogus checkpoint RoPE table must be ignored (design §8)
         joint[f"retrievers.{name}.freqs_cis"] = torch.full((MAXPOS, 32), 7 + 7j, dtype=torch.complex64)
     model2 = FlashMemoryRetriever(joint, device=device, max_position=MAXPOS, backend="torch")
     assert model2.layer_names == model.layer_names

@@ -1,4 +1,4 @@
-"""select_resident (SPEC 6): hand-built cases, an independent pure-Python oracle, edge cases."""
+"""select_resident (design §6): hand-built, an independent pure-Python oracle, edge cases."""
 
 from __future__ import annotations
 
