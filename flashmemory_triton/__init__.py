@@ -3,7 +3,7 @@
 Importing this package never touches CUDA; kernels compile on first use.
 """
 
-from . import constants, paged
+from . import constants, formats, paged
 from .reference import (apply_rope, dequant_compressed_k, hadamard_transform,
                         precompute_freqs_cis)
 from .retriever import FlashMemoryRetriever, topk_mask
@@ -18,6 +18,7 @@ __all__ = [
     "apply_rope",
     "constants",
     "dequant_compressed_k",
+    "formats",
     "hadamard_transform",
     "paged",
     "precompute_freqs_cis",
