@@ -1,7 +1,7 @@
 """Pure-torch reference of the FlashMemory retriever (design §3-§5).
 
 This is the oracle every kernel is checked against and the ``backend="torch"`` path of
-:class:`~flashmemory_triton.FlashMemoryRetriever`. It is written to be read next to the spec:
+:class:`~flashmemory_triton.FlashMemoryRetriever`. It is written to be read next to design §3-§5:
 one function per step, no fusion, no cleverness. ``dtype`` selects the arithmetic precision of
 the fp32 steps (``torch.float64`` for tests); the bf16 rounding of q is part of the model and
 happens in either precision.
@@ -149,7 +149,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """Normalized Walsh-Hadamard transform over the last dim, natural (Sylvester) order.
 
     Butterfly with strides 1, 2, 4, ... mapping ``(a, b) -> (a + b, a - b)``, then
-    ``/ sqrt(n)``. Computed in ``x.dtype`` if floating point (fp32 for the spec path).
+    ``/ sqrt(n)``. Computed in ``x.dtype`` if floating point (fp32 in the model, design §3 step 6).
     """
     n = x.shape[-1]
     if n & (n - 1):

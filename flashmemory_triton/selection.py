@@ -323,8 +323,9 @@ def _select_pages(hit, forced, real, n, N, page_size, max_pages, sink):
     forced_page = per_page(forced).any(dim=2)
     sink_page = forced_page & (p[None, :] * page_size < sink)
     # One int64 key ranks everything: non-real pages -1, ordinary pages their hit count
-    # (0..page_size), forced pages above page_size (the spec's +inf): sink pages first, then
-    # recent pages newest first, so a budget smaller than the forced set keeps the newest tail.
+    # (0..page_size), forced pages above page_size (design §6's infinite score): sink pages
+    # first, then recent pages newest first, so a budget smaller than the forced set keeps the
+    # newest tail.
     top = page_size + 1
     key = torch.where(real_page, count, torch.full_like(count, -1))
     key = torch.where(forced_page, top + p[None, :], key)

@@ -62,7 +62,7 @@ def pack_compressed_k(fp8_bytes: torch.Tensor, scales: torch.Tensor) -> torch.Te
     """Row format ``uint8 [..., N, D + 4]`` from e4m3 bytes ``[..., N, D]`` and scales ``[..., N]``.
 
     The scale goes in as explicit little-endian float32 bytes (numpy ``'<f4'``), not as a
-    native-order view, so the test encodes the format the spec states.
+    native-order view, so the test encodes the format design §4 states.
     """
     assert fp8_bytes.dtype == torch.uint8 and fp8_bytes.shape[:-1] == scales.shape
     le = np.ascontiguousarray(scales.detach().cpu().numpy().astype("<f4")).view(np.uint8)

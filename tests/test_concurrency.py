@@ -130,7 +130,7 @@ def test_copies_on_other_devices_leave_the_original_alone(device):
         torch.testing.assert_close(out.to(device), before, rtol=1e-4, atol=1e-5)
     assert torch.equal(model.logits(hidden, ck, pos), before)
     assert torch.equal(ref.freqs_cis_at(pos, 4096, model.rope_freqs),
-                       ref.freqs_cis_at(pos, 4096))  # the buffer is the spec's 32 frequencies
+                       ref.freqs_cis_at(pos, 4096))  # the buffer is design §3's 32 frequencies
 
 
 @pytest.mark.gpu

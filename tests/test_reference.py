@@ -52,7 +52,7 @@ def spec_ramp_bounds():
 
 
 def spec_mixed_freqs(dtype):
-    """design §3's mixed inverse frequencies. The spec defines the table in fp32, so the oracle's
+    """design §3's mixed inverse frequencies. It defines the table in fp32, so the oracle's
     RoPE uses this formula evaluated in fp32 (``dtype=torch.float32``): at position 5e5 one
     fp32 ulp of a frequency moves the angle by ~0.03 rad, so only the exact fp32 numbers are
     comparable. ``torch.float64`` gives the exact-math values for a sanity bound."""
