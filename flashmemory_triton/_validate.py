@@ -91,7 +91,10 @@ def real_number(name: str, value, *, finite: bool = True) -> float:
     import numbers
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past the float range: beyond every float, like +-inf
+        value = math.inf if value > 0 else -math.inf
     if math.isnan(value) or (finite and math.isinf(value)):
         raise ValueError(f"{name} must be a {'finite ' if finite else ''}number, got {value!r}")
     return value

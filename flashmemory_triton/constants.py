@@ -48,6 +48,9 @@ PAGE_BYTES = PAGE_CHUNKS * CHUNK_BYTES  # 8448 = [64*128 fp8][64*4 f32 scales]
 ATTN_KV_BYTES = 584  # one chunk of a layer's attention KV (what the offload engine moves)
 
 FP8_E4M3_MAX = 448.0  # largest finite e4m3fn value
+# Largest float32 chunk scale s with fl32(448 * s) finite: beyond it a key's dequantized value
+# can overflow float32, so such a chunk is treated as non-finite (docs/validation.md).
+MAX_KEY_SCALE = float.fromhex("0x1.249248p+119")  # about 7.6e35
 FP8_QUANT_MIN_AMAX = 1e-4  # per-head q quantization scale = max(amax, 1e-4) / 448 (design §5)
 
 # --- selection (design §6) ----------------------------------------------------------------------

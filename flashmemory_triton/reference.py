@@ -17,6 +17,7 @@ from . import constants as C
 
 __all__ = [
     "dequant_compressed_k",
+    "chunk_scales",
     "rope_mixed_freqs",
     "precompute_freqs_cis",
     "freqs_cis_at",
@@ -29,6 +30,7 @@ __all__ = [
     "score_logits",
     "keys_logits",
     "nonfinite_chunks",
+    "pin_nonfinite",
     "layer_logits",
     "ensemble_scores",
 ]
@@ -48,24 +50,48 @@ def dequant_compressed_k(compressed_k: torch.Tensor, head_dim: int = C.HEAD_DIM,
         raise ValueError(f"compressed_k last dim must be {head_dim + C.SCALE_BYTES}, "
                          f"got shape {tuple(compressed_k.shape)}")
     fp8 = compressed_k[..., :head_dim].contiguous().view(torch.float8_e4m3fn).to(dtype)
-    scale_bytes = compressed_k[..., head_dim:].contiguous()
-    # .view(float32) reads the native byte order; the format is little-endian, as is every
-    # platform torch supports for CUDA (x86_64, aarch64).
-    scale = scale_bytes.view(torch.float32).to(dtype)  # [..., N, 1]
+    scale = chunk_scales(compressed_k, head_dim).to(dtype)[..., None]  # [..., N, 1]
     return fp8 * scale
 
 
+def chunk_scales(compressed_k: torch.Tensor, head_dim: int = C.HEAD_DIM) -> torch.Tensor:
+    """The float32 scale of every chunk, ``[..., N]``, from any view of row-format keys.
+
+    ``.view(float32)`` needs contiguous bytes at a 4-byte aligned storage offset; a view at an
+    odd byte offset is its own ``.contiguous()``, so it is cloned instead. The view reads the
+    native byte order; the format is little-endian, as is every platform torch supports for
+    CUDA (x86_64, aarch64)."""
+    raw = compressed_k[..., head_dim:head_dim + C.SCALE_BYTES]
+    if not raw.is_contiguous() or raw.storage_offset() % C.SCALE_BYTES:
+        raw = raw.clone(memory_format=torch.contiguous_format)
+    return raw.view(torch.float32)[..., 0]
+
+
 def nonfinite_chunks(compressed_k: torch.Tensor, head_dim: int = C.HEAD_DIM) -> torch.Tensor:
-    """Bool ``[..., N]``: chunks holding an e4m3 NaN byte (0x7F, 0xFF) or a NaN/Inf scale.
+    """Bool ``[..., N]``: chunks holding an e4m3 NaN byte (0x7F, 0xFF) or a scale that is NaN,
+    infinite or larger in magnitude than ``C.MAX_KEY_SCALE`` (where ``scale x 448`` overflows
+    float32).
 
     Policy (both backends): such a chunk's logit is NaN in every layer, so its score is NaN
     and no threshold or top-k selection ever keeps it. The plain formula already gives NaN
-    for NaN bytes; an infinite scale would give +-inf or NaN depending on the other bytes,
-    so it is pinned to NaN instead of letting garbage rank first.
+    for NaN bytes; an infinite or overflowing scale would give +-inf or NaN depending on the
+    other bytes and on where each backend applies the scale, so it is pinned to NaN instead of
+    letting garbage rank first. The rule reads the scale alone, so it does not depend on the
+    arithmetic's precision.
     """
     nan_byte = ((compressed_k[..., :head_dim] & 0x7F) == 0x7F).any(-1)
-    scale = compressed_k[..., head_dim:].contiguous().view(torch.float32)[..., 0]
-    return nan_byte | ~torch.isfinite(scale)
+    scale = chunk_scales(compressed_k, head_dim)
+    return nan_byte | ~(scale.abs() <= C.MAX_KEY_SCALE)  # NaN compares False: caught too
+
+
+def pin_nonfinite(logits: torch.Tensor, compressed_k: torch.Tensor,
+                  head_dim: int = C.HEAD_DIM) -> torch.Tensor:
+    """The non-finite policy on logits ``[..., N]`` of keys ``[..., N, 132]``: NaN for every
+    :func:`nonfinite_chunks` chunk and for every logit that overflowed to +-inf (finite keys
+    times a large q can overflow float32; the backends overflow at different steps, so an
+    infinite logit is never a trustworthy rank and never selected)."""
+    bad = nonfinite_chunks(compressed_k, head_dim) | torch.isinf(logits)
+    return logits.masked_fill(bad, float("nan"))
 
 
 # --- RoPE (design §3, YaRN, no mscale) ----------------------------------------------------------
@@ -119,7 +145,10 @@ def freqs_cis_at(positions: torch.Tensor, max_position: int,
     if mixed_freqs is None:
         mixed_freqs = rope_mixed_freqs()
     mixed_freqs = mixed_freqs.to(device=positions.device, dtype=torch.float32)
-    pos = positions.clamp(0, max_position - 1).to(torch.float32)
+    # int64 first: a narrow dtype (int8, uint8, int16) cannot hold max_position - 1, and a
+    # max_position past int64 clamps nothing an int64 position can hold.
+    last = min(max_position - 1, torch.iinfo(torch.int64).max)
+    pos = positions.to(torch.int64).clamp(0, last).to(torch.float32)
     angles = pos[:, None] * mixed_freqs[None, :]
     return torch.polar(torch.ones_like(angles), angles)
 
@@ -229,8 +258,7 @@ def keys_logits(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Tensor,
                 head_dim: int = C.HEAD_DIM, logit_offset: float = 0.0) -> torch.Tensor:
     """Score prepared ``q``/``w`` against row-format keys, with the non-finite-chunk policy."""
     k = dequant_compressed_k(compressed_k, head_dim, q.dtype)
-    logits = score_logits(q, w, k, logit_offset)
-    return logits.masked_fill(nonfinite_chunks(compressed_k, head_dim), float("nan"))
+    return pin_nonfinite(score_logits(q, w, k, logit_offset), compressed_k, head_dim)
 
 
 def ensemble_scores(per_layer: list[torch.Tensor] | torch.Tensor, mode: str = "max") -> torch.Tensor:

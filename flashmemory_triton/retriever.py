@@ -15,6 +15,7 @@ from .utils import _device
 
 BACKENDS = ("auto", "torch", "triton")
 ENSEMBLE_MODES = ("max", "mean")
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def split_joint_state(state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, dict]":
@@ -51,10 +52,9 @@ class FlashMemoryRetriever(nn.Module):
                  logit_offset: float = 0.0, precision: str | None = None):
         super().__init__()
         V.choice("backend", backend, BACKENDS)
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if dtype not in WEIGHT_DTYPES:
             raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-        if not isinstance(max_position, int) or max_position < 1:
-            raise ValueError(f"max_position must be a positive int, got {max_position!r}")
+        V.positive_int("max_position", max_position)
         states = self._normalize_states(layer_states)
         self.head_dim = int(head_dim) if head_dim is not None else C.HEAD_DIM
         hidden, rank, n_heads = self._check_shapes(states, self.head_dim)
@@ -80,6 +80,20 @@ class FlashMemoryRetriever(nn.Module):
         self.register_buffer("wq_b", stack("wq_b.weight").to(device))
         self.register_buffer("q_norm_weight", stack("q_norm_weight").to(device))
         self.register_buffer("rope_freqs", ref.rope_mixed_freqs().to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()``, ``.float()`` cast the weights only: the
+        RoPE frequencies stay float32 (rebuilt exactly on the new device), so a cast module
+        equals one constructed with that ``dtype``. A cast to a dtype the constructor refuses
+        (``.double()``) raises ``TypeError`` and leaves the module unchanged."""
+        probe = fn(self.w_in[:0])  # what the cast does to a weight, on an empty view
+        if isinstance(probe, torch.Tensor) and probe.dtype not in WEIGHT_DTYPES:
+            raise TypeError(f"FlashMemoryRetriever weights must be torch.float32, "
+                            f"torch.bfloat16 or torch.float16; refusing a cast to {probe.dtype}")
+        out = super()._apply(fn, recurse)
+        if self.rope_freqs.dtype != torch.float32:
+            self.rope_freqs = ref.rope_mixed_freqs().to(self.rope_freqs.device)
+        return out
 
     # --- construction helpers -------------------------------------------------------------
     @staticmethod
@@ -240,7 +254,10 @@ class FlashMemoryRetriever(nn.Module):
 
     def _torch_layer(self, i, hidden, compressed_k, positions, per_h, per_k):
         name = self.layer_names[i]
-        return ref.layer_logits(hidden[i] if per_h else hidden,
+        # A strided hidden (e.g. column-major) could take another GEMM path and round
+        # differently; a contiguous copy keeps the answer independent of the layout (as the
+        # Triton path's ops.project_queries does).
+        return ref.layer_logits((hidden[i] if per_h else hidden).contiguous(),
                                 compressed_k[i] if per_k else compressed_k, positions,
                                 self.layer_weights(name), self.max_position, self.head_dim,
                                 self.logit_offset, mixed_freqs=self.rope_freqs)

@@ -30,6 +30,7 @@ stream capture) and never on the ``meta`` device.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -166,21 +167,25 @@ def pages_from_mask(mask: torch.Tensor, page_size: int = C.PAGE_CHUNKS) -> torch
     _positive_int("page_size", page_size)
     B, N = mask.shape
     P = -(-N // page_size)
+    page_size = min(page_size, max(N, 1))  # a page past N: one page of every chunk, same P
     padded = torch.zeros(B, P * page_size, dtype=torch.bool, device=mask.device)
     padded[:, :N] = mask
     return padded.view(B, P, page_size).any(dim=2)
 
 
 # --- argument checks --------------------------------------------------------------------------
+_INT64_LIMIT = 2 ** 63  # counts are int64 tensors; larger Python ints cannot enter them
+
+
 def _nonneg_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _INT64_LIMIT:
+        raise ValueError(f"{name} must be a non-negative int below 2**63, got {value!r}")
     return value
 
 
 def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < _INT64_LIMIT:
+        raise ValueError(f"{name} must be a positive int below 2**63, got {value!r}")
     return value
 
 
@@ -238,6 +243,9 @@ def select_resident(scores: torch.Tensor, *, mode: str, n_chunks=None,
         raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
     if threshold != threshold:  # NaN: no score would ever be a hit, silently
         raise ValueError(f"threshold must be a number, got {threshold!r}")
+    # An int too large for a float is beyond every score: +-inf compares the same way.
+    threshold = float(threshold) if abs(threshold) < 2.0 ** 1000 else \
+        (math.inf if threshold > 0 else -math.inf)
     _nonneg_int("recent", recent)
     _nonneg_int("sink", sink)
     _positive_int("page_size", page_size)
@@ -254,6 +262,7 @@ def select_resident(scores: torch.Tensor, *, mode: str, n_chunks=None,
         raise ValueError(f"top_k applies to mode='topk' only, got mode={mode!r}")
     B, N = scores.shape
     device = scores.device
+    page_size_arg = page_size
     if fallback is not None:
         if not isinstance(fallback, ThresholdFallback):
             raise TypeError(f"fallback must be a ThresholdFallback, got {type(fallback).__name__}")
@@ -261,6 +270,10 @@ def select_resident(scores: torch.Tensor, *, mode: str, n_chunks=None,
             raise ValueError(f"fallback state is for batch {tuple(fallback.active.shape)} on "
                              f"{fallback.active.device}; scores are [{B}, {N}] on {device}")
     n = _row_lengths(n_chunks, B, N, device)
+    # Counts past N act as N (every chunk of a row): clamp so huge values stay int64 arithmetic.
+    recent, sink, page_size = min(recent, N), min(sink, N), min(page_size, max(N, 1))
+    if max_resident is not None:
+        max_resident = min(max_resident, N)
 
     # Half-precision scores are compared in float32 so a threshold like 0.3 is not rounded.
     s = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
@@ -290,7 +303,7 @@ def select_resident(scores: torch.Tensor, *, mode: str, n_chunks=None,
     else:
         flags = torch.zeros(B, dtype=torch.bool, device=device)
     return ResidentSet(mask=mask, pages=pages, n_selected=mask.sum(dim=1), n_real=n,
-                       n_hits=n_hits, fallback=flags, mode=mode, page_size=page_size)
+                       n_hits=n_hits, fallback=flags, mode=mode, page_size=page_size_arg)
 
 
 def _rank_desc(key: torch.Tensor) -> torch.Tensor:
@@ -332,7 +345,7 @@ def _select_pages(hit, forced, real, n, N, page_size, max_pages, sink):
     key = torch.where(sink_page, top + P + (P - p)[None, :], key)
     k = min(max_pages, P)
     order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
-    quota = torch.clamp(n_pages, max=max_pages)  # min(max_pages, n_pages) per row
+    quota = torch.clamp(n_pages, max=k)  # min(max_pages, n_pages) per row (n_pages <= P)
     valid = torch.arange(k, device=device)[None, :] < quota[:, None]
     # Real pages outrank non-real ones, so the first `quota` entries of `order` are the choice.
     chosen = torch.zeros(B, P, dtype=torch.bool, device=device)

@@ -105,7 +105,7 @@ def score_prepared_fast(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Te
         n1 = min(N, n0 + block)
         rows_k = keys[:, :, n0:n1]
         k8 = rows_k[..., :C.HEAD_DIM].view(torch.float8_e4m3fn).to(dtype)  # [G, B, n, D], exact
-        scale = rows_k[..., C.HEAD_DIM:].contiguous().view(torch.float32)[..., 0]  # [G, B, n]
+        scale = ref.chunk_scales(rows_k)  # [G, B, n], any byte offset
         # Chunks last, so the head-weighted sum below is a plain batched matmul.
         dots = torch.matmul(q_c, k8.transpose(-1, -2))  # [G, B, rows, n]
         # relu(s * x) = |s| * relu(sign(s) * x) for any sign of s; sign(0) = 0 gives the
@@ -118,8 +118,8 @@ def score_prepared_fast(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Te
         else:
             block_logits = weighted[:, :, 0]  # [L, B, n]
         block_logits = block_logits * scale.abs() + logit_offset
-        # The project's policy for chunks with an e4m3 NaN byte or a non-finite scale (see
-        # reference.nonfinite_chunks): NaN in every layer, whatever the arithmetic gave.
-        logits[:, :, n0:n1] = block_logits.masked_fill(ref.nonfinite_chunks(rows_k), float("nan"))
+        # The project's policy for chunks with an e4m3 NaN byte or a non-finite or overflowing
+        # scale, and for overflowed logits (reference.pin_nonfinite): NaN in every layer.
+        logits[:, :, n0:n1] = ref.pin_nonfinite(block_logits, rows_k)
     scores = ref.ensemble_scores(torch.sigmoid(logits), ensemble)
     return scores, (logits if return_logits else None)

@@ -12,8 +12,9 @@ which equals ``sum_h relu((fp8_n * s_n) . q_h) * w_h`` for ANY scale sign (relu(
 dequantized keys nor any ``[B, N, H]`` tensor touches memory; the outputs are the ensemble
 scores ``[B, N]`` and, on request, per-layer logits ``[L, B, N]``.
 
-Non-finite inputs: a chunk with an e4m3 NaN byte (0x7F/0xFF) or a non-finite scale scores NaN
-in every layer (the reference does the same: NaN/Inf keys make NaN logits), and NaN in q or w
+Non-finite inputs: a chunk with an e4m3 NaN byte (0x7F/0xFF) or a non-finite or overflowing
+scale (``|s| > C.MAX_KEY_SCALE``) scores NaN in every layer, an overflowed logit (+-inf) is NaN
+(the reference's ``pin_nonfinite`` does the same), and NaN in q or w
 propagates through the NaN-aware ReLU, so nothing non-finite is silently turned into a score.
 """
 
@@ -29,6 +30,8 @@ from flashmemory_triton.utils import _device
 
 from ._alloc import alloc_output
 from .numerics import e4m3_bits_to_f32
+
+_MAX_KEY_SCALE = tl.constexpr(C.MAX_KEY_SCALE)  # scales past it overflow on dequant: NaN chunk
 
 
 @triton.jit
@@ -55,7 +58,8 @@ def _load_key_tile_at(kb_ptr, kf_ptr, key_bytes, scale_words, nmask,
     kb = tl.load(kb_ptr + key_bytes[:, None] + cols[None, :], mask=nmask[:, None], other=0)
     scale = tl.load(kf_ptr + scale_words, mask=nmask, other=1.0)
     nan_byte = tl.max(((kb & 0x7F) == 0x7F).to(tl.int32), axis=1) > 0
-    bad = nan_byte | (scale != scale) | (tl.abs(scale) == float("inf"))
+    # NaN, infinite or overflowing scale (|s| > C.MAX_KEY_SCALE; NaN compares False).
+    bad = nan_byte | ~(tl.abs(scale) <= _MAX_KEY_SCALE)
     if PRECISION == "fp8":
         if HW_FP8:
             k = kb.to(tl.float8e4nv, bitcast=True)
@@ -113,7 +117,8 @@ def _layer_logit(k, abs_scale, sign, bad, q_ptr, w_ptr, lb, H, logit_offset,
         s = tl.maximum(s * sign[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
         acc += tl.sum(s * w[None, :], axis=1)
     logit = acc * abs_scale + logit_offset
-    return tl.where(bad, float("nan"), logit)
+    # An overflowed logit (+-inf) is NaN, as in reference.pin_nonfinite.
+    return tl.where(bad | (tl.abs(logit) == float("inf")), float("nan"), logit)
 
 
 @triton.jit
