@@ -1,4 +1,8 @@
-"""Benchmark suite of flashmemory-triton: ``python -m bench --help``.
+"""Benchmark suite of flashmemory-triton: ``flashmemory-triton bench --help``.
+
+Installed with the package as ``flashmemory_triton.bench`` (pyproject's package-dir, as
+``kernels/``), so ``python -m flashmemory_triton.bench`` works from any directory; from the
+repository root ``python -m bench`` runs the same code.
 
 Modules, one job each:
 

@@ -2,4 +2,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+# ``python -m flashmemory_triton.bench`` (installed) or ``python -m bench`` (repository root)
+sys.exit(main(prog=f"python -m {__package__}"))

@@ -1,4 +1,4 @@
-"""``python -m bench``: run a sweep, print the table, write CSV/JSON/PNG.
+"""``flashmemory-triton bench`` / ``python -m flashmemory_triton.bench``: run a sweep, print the table, write CSV/JSON/PNG.
 
 Exit status: 0 when every provider that ran passed its correctness check, 1 when one failed
 or raised (so CI goes red), 2 for bad arguments.
@@ -18,7 +18,7 @@ from . import environment, mixed, providers, sweeps
 from .inputs import ModelDims
 from .runner import Options, run_sweep
 
-RESULTS_DIR = environment.REPO_ROOT / "bench" / "results"
+DEFAULT_PROG = "python -m flashmemory_triton.bench"
 CPU_WARNING = ("CPU-only run: Triton providers are skipped and the timings below are CPU "
                "timings of the torch providers. They say nothing about GPU performance (nor do "
                "TRITON_INTERPRET timings); this run only shows that the bench works.")
@@ -52,9 +52,9 @@ def _list(convert):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench", description="Benchmark the FlashMemory scorers: correctness "
+        prog=prog, description="Benchmark the FlashMemory scorers: correctness "
         "pre-check against the fp32 reference, timings, roofline, CSV/JSON/PNG.")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the quick subset (default)")
@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--mixed: longest history in chunks (default 256K on CUDA, 1K on CPU)")
     p.add_argument("--device", choices=("cuda", "cpu"),
                    help="default: cuda if available, else cpu")
-    p.add_argument("--out", type=Path, help="output directory (default: bench/results/<card>-<date>/)")
+    p.add_argument("--out", type=Path, help="output directory (default: <card>-<date>/ under the checkout's bench/results/, "
+                        "or under ./bench-results/ when the package is installed)")
     p.add_argument("--repeats", type=int, default=None,
                    help="at least this many timed calls per row (default 5 on CUDA, 3 on CPU)")
     p.add_argument("--rep-ms", type=float, default=100.0,
@@ -109,11 +110,12 @@ def choose_sweep(args, on_gpu: bool) -> sweeps.Sweep:
 
 
 def default_out_dir(device: torch.device) -> Path:
-    """``bench/results/<card>-<date>/``, suffixed ``-2``, ``-3`` ... rather than overwrite."""
+    """``<results>/<card>-<date>/``, suffixed ``-2``, ``-3`` ... rather than overwrite."""
     stem = f"{environment.card_slug(device)}-{datetime.date.today().isoformat()}"
-    out, k = RESULTS_DIR / stem, 2
+    root = environment.results_dir()
+    out, k = root / stem, 2
     while out.exists():
-        out, k = RESULTS_DIR / f"{stem}-{k}", k + 1
+        out, k = root / f"{stem}-{k}", k + 1
     return out
 
 
@@ -246,11 +248,11 @@ def run(args, device, sweep, chosen, options) -> int:
                    report.format_ceilings(result) + "\n" + report.format_table(result))
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = DEFAULT_PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         prepared = prepare_mixed(args) if args.mixed else prepare(args)
     except (ValueError, TypeError) as exc:
-        print(f"python -m bench: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return (run_mixed if args.mixed else run)(args, *prepared)

@@ -11,15 +11,29 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+# Run from a source checkout (``python -m bench`` in the repository, or an editable install),
+# bench/ sits next to pyproject.toml: results go to the repository's bench/results/ and the git
+# commit is recorded. An installed copy (site-packages) has no repository: results go under the
+# current directory and the commit is unknown.
+REPO_ROOT: Path | None = BENCH_DIR.parent if (BENCH_DIR.parent / "pyproject.toml").is_file() else None
 
 
-def _run(cmd: list[str]) -> str | None:
+def results_dir() -> Path:
+    """Where a run's ``<card>-<date>/`` directory goes unless ``--out`` says otherwise."""
+    return REPO_ROOT / "bench" / "results" if REPO_ROOT is not None else Path.cwd() / "bench-results"
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=REPO_ROOT)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git(args: list[str]) -> str | None:
+    return _run(["git", *args], cwd=REPO_ROOT) if REPO_ROOT is not None else None
 
 
 def _cpu_name() -> str:
@@ -66,8 +80,8 @@ def collect(device: torch.device) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": _cpu_name(),
-        "git_commit": _run(["git", "rev-parse", "HEAD"]),
-        "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
+        "git_commit": _git(["rev-parse", "HEAD"]),
+        "git_dirty": bool(_git(["status", "--porcelain", "--untracked-files=no"])),
         "argv": sys.argv,
     }
     if device.type == "cuda":

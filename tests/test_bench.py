@@ -10,22 +10,21 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from flashmemory_triton import cli
+from flashmemory_triton import constants as C
+# bench/ is installed with the package as flashmemory_triton.bench (pyproject's package-dir)
+from flashmemory_triton.bench import check, providers, runner, sweeps
+from flashmemory_triton.bench.inputs import ModelDims
+from flashmemory_triton.bench.roofline import cycle_work, scoring_work
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# bench/ is a top-level package of the repository, not of the installed distribution; the
-# tests run from a checkout, so make it importable whatever directory pytest started in.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from flashmemory_triton import constants as C  # noqa: E402
-
-from bench import check, providers, runner, sweeps  # noqa: E402
-from bench.inputs import ModelDims  # noqa: E402
-from bench.roofline import cycle_work, scoring_work  # noqa: E402
+ELSEWHERE = Path(tempfile.gettempdir())  # not the repository: the installed bench must run anywhere
 
 TINY = ModelDims(hidden=128, rank=64, heads=4)
 TINY_ARGS = ["--hidden", "128", "--rank", "64", "--heads", "4"]
@@ -33,9 +32,9 @@ TINY_ARGS = ["--hidden", "128", "--rank", "64", "--heads", "4"]
 
 def _run_cli(args, device, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matmuls: threads only add contention
-    return subprocess.run([sys.executable, "-m", "bench", "--device", device.type, *TINY_ARGS,
-                           "--no-progress", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "flashmemory_triton.bench", "--device",
+                           device.type, *TINY_ARGS, "--no-progress", *args], cwd=ELSEWHERE,
+                          env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_tiny_sweep_writes_csv_json_png(device, tmp_path):
@@ -82,6 +81,19 @@ def test_cli_rejects_bad_arguments(device):
     proc = _run_cli(["--precision", "fp16"], device, timeout=120)
     assert proc.returncode == 2
     assert "precision" in proc.stderr and "fp16" in proc.stderr
+
+
+def test_bench_entry_points(capsys):
+    """``flashmemory-triton bench`` hands its arguments to the bench's own parser, under its
+    name; ``python -m bench`` still runs from the repository root."""
+    assert cli.main(["bench", "--mixed", "--n", "4K"]) == 2
+    assert "flashmemory-triton bench: error: --n does not apply to --mixed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0 and "usage: flashmemory-triton bench" in capsys.readouterr().out
+    proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: python -m bench" in proc.stdout, proc.stderr
 
 
 def _wrong_provider(calls: dict) -> providers.Provider:
@@ -133,8 +145,8 @@ def test_failing_provider_is_reported_and_not_timed(device):
 def test_triton_runners_pass_the_check(device, name, precision):
     """The Triton providers call ops/the retriever as they expect (under the interpreter on
     the CPU, where the sweep itself never times them)."""
-    from bench.inputs import Model, make_inputs
-    from bench.release import release_scores_blocked
+    from flashmemory_triton.bench.inputs import Model, make_inputs
+    from flashmemory_triton.bench.release import release_scores_blocked
     model = Model(TINY, device)
     shape = sweeps.Shape(64, 2, "per_layer", "mean")
     x = make_inputs(model, shape)
@@ -205,8 +217,8 @@ def test_presets_cover_the_issue_grid():
 
 # --- the mixed-length serving batch (bench/mixed.py) ---------------------------------------------
 def _mixed_options(**kw):
-    from bench import mixed
-    from bench.roofline import Ceilings
+    from flashmemory_triton.bench import mixed
+    from flashmemory_triton.bench.roofline import Ceilings
     # Fixed ceilings: the roofline arithmetic is exercised without timing matmuls here.
     return dict(rep_ms=5, min_samples=2, seed=0,
                 ceilings=Ceilings(matmul_tflops={"fp32": 1.0, "bf16": 2.0}, copy_gbps=10.0,
@@ -215,8 +227,8 @@ def _mixed_options(**kw):
 
 
 def test_mixed_scenario_lengths_and_counted_work():
-    from bench import mixed
-    from bench.inputs import Model
+    from flashmemory_triton.bench import mixed
+    from flashmemory_triton.bench.inputs import Model
     gpu = mixed.GPU_SCENARIO
     assert (gpu.requests, gpu.min_n, gpu.max_n) == (32, 8 * 1024, 256 * 1024)
     lengths = gpu.lengths(0)
@@ -246,7 +258,7 @@ def test_mixed_scenario_lengths_and_counted_work():
 def test_mixed_providers_pass_the_check_under_interpreter(device):
     """Every mixed provider, Triton ones included (the interpreter on the CPU), is checked
     against the per-request reference and then timed; speedups and launches are reported."""
-    from bench.inputs import Model
+    from flashmemory_triton.bench.inputs import Model
     opts, mixed = _mixed_options(triton_ok=True)
     scenario = mixed.Scenario(requests=3, min_n=1, max_n=130, layouts=("shared", "per_layer"),
                               precisions=("bf16",), ensemble="mean")
@@ -266,7 +278,7 @@ def test_mixed_providers_pass_the_check_under_interpreter(device):
 def test_mixed_check_refuses_wrong_scores_and_wrong_fill(device, monkeypatch):
     """A provider off by 5% fails the check and is not timed; so does one whose padding past
     a request's length is not the documented fill."""
-    from bench.inputs import Model
+    from flashmemory_triton.bench.inputs import Model
     from flashmemory_triton import paged
     opts, mixed = _mixed_options(triton_ok=True)
     real = paged.score_paged
@@ -321,3 +333,15 @@ def test_cli_mixed_writes_csv_json_png(device, tmp_path):
 def test_cli_mixed_rejects_bad_arguments(device, args, message):
     proc = _run_cli(args, device, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_default_results_dir(monkeypatch, tmp_path):
+    """A checkout keeps results in its bench/results/; an installed copy (no pyproject.toml
+    next to it) writes under the current directory, never into site-packages."""
+    from flashmemory_triton.bench import environment
+    assert environment.REPO_ROOT == REPO_ROOT  # editable install or python -m bench: a checkout
+    assert environment.results_dir() == REPO_ROOT / "bench" / "results"
+    monkeypatch.setattr(environment, "REPO_ROOT", None)
+    monkeypatch.chdir(tmp_path)
+    assert environment.results_dir() == tmp_path / "bench-results"
+    assert environment.collect(torch.device("cpu"))["git_commit"] is None

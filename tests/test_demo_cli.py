@@ -56,6 +56,16 @@ def section(out: str, title: str) -> list[str]:
 
 
 # --- end to end -------------------------------------------------------------------------------
+def test_help_does_not_import_torch():
+    """``flashmemory-triton --help`` must answer at once: importing torch alone takes seconds."""
+    code = ("import sys\nfrom flashmemory_triton import cli\ntry:\n    cli.main(['--help'])\n"
+            "except SystemExit as exc:\n    assert exc.code == 0\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.endswith("ok\n"), proc.stdout + proc.stderr
+    assert "demo" in proc.stdout and "decode" in proc.stdout and "bench" in proc.stdout
+
+
 def test_demo_subprocess_end_to_end(small_ckpt, tmp_path):
     B, N, K, seed = 3, 300, 20, 4
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
