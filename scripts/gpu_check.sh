@@ -3,8 +3,8 @@
 # be installed (torch and triton preinstalled; no network). Everything goes to $OUT:
 #   $OUT/env.txt            GPU, driver, torch/triton versions, commit, date
 #   $OUT/tests.log          pytest --device cuda (kernels, paged, CUDA graphs, full-size checks)
-#   $OUT/bench/             CSV, JSON, PNG of `python -m bench --quick`
-#   $OUT/bench-mixed/       CSV, JSON, PNG of `python -m bench --mixed` (32 requests of 8K-256K
+#   $OUT/bench/             CSV, JSON, PNG of `python -m flashmemory_triton.bench --quick`
+#   $OUT/bench-mixed/       CSV, JSON, PNG of `... bench --mixed` (32 requests of 8K-256K
 #                           chunks: one launch for the batch versus one per request)
 #   $OUT/summary.txt        exit codes and the tail of each step
 # Budget: well inside 8 minutes on an H100 including Triton compilation. The step time limits
@@ -16,12 +16,14 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 
-# Stage the package without installing it: kernels/ becomes flashmemory_triton/kernels, as
-# the wheel lays it out (pyproject's package-dir), and tests/bench run from the stage.
+# Stage the package without installing it: kernels/ and bench/ become flashmemory_triton/kernels
+# and flashmemory_triton/bench, as the wheel lays them out (pyproject's package-dir), and the
+# tests and benchmarks run from the stage.
 STAGE=$(mktemp -d)
 cp -r "$REPO/flashmemory_triton" "$STAGE/"
 cp -r "$REPO/kernels" "$STAGE/flashmemory_triton/kernels"
-cp -r "$REPO/tests" "$REPO/bench" "$REPO/pyproject.toml" "$STAGE/"
+cp -r "$REPO/bench" "$STAGE/flashmemory_triton/bench"
+cp -r "$REPO/tests" "$REPO/pyproject.toml" "$STAGE/"
 cd "$STAGE" || exit 2
 export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
@@ -54,9 +56,9 @@ step tests 220 "$PY" -m pytest -q -p no:cacheprovider --device cuda \
   tests/test_kernels.py tests/test_gpu.py tests/test_paged.py tests/test_cuda_graphs.py \
   -k "not compile" -o addopts=""
 tests_rc=$?
-step bench 240 "$PY" -m bench --quick --device cuda --out "$OUT/bench"
+step bench 240 "$PY" -m flashmemory_triton.bench --quick --device cuda --out "$OUT/bench"
 bench_rc=$?
-step mixed 130 "$PY" -m bench --mixed --device cuda --out "$OUT/bench-mixed"
+step mixed 130 "$PY" -m flashmemory_triton.bench --mixed --device cuda --out "$OUT/bench-mixed"
 mixed_rc=$?
 rm -rf "$STAGE"
 echo "tests_rc=$tests_rc bench_rc=$bench_rc mixed_rc=$mixed_rc" | tee -a "$OUT/summary.txt"
