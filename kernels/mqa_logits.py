@@ -1,0 +1,248 @@
+"""Raw indexer logits for the DeepGEMM drop-in (``flashmemory_triton.deepgemm``), one launch.
+
+The scorer's math without its epilogue: for query row ``r`` and key ``j``
+
+    logit[r, j] = sum_h w[r, h] * relu(q[r, h] . (fp8_j * s_j))
+                = |s_j| * sum_h w[r, h] * relu(sign(s_j) * (q[r, h] . fp8_j))
+
+with ``q`` e4m3 bytes read directly (no conversion pass: bitcast to the e4m3 tensor-core
+type on sm_89+, the exact integer decode to bf16 on sm_80 and in the interpreter), ``w`` the
+caller's float32 weights taken as given (no sigmoid, no ensemble, no offset), any head count
+(heads in ``BLOCK_H`` blocks). Keys come in one of two layouts:
+
+``PAGED``
+    DeepGEMM's fused cache ``[P, 64, 1, 132]``: page ``p`` at ``p * page_stride`` bytes holds
+    ``[64 x 128 e4m3][64 x float32 scales]`` (the split format, design §4). Query row ``r``
+    reads table row ``r // next_n`` and keys ``0 .. len[r] - 1``; its output column is the key.
+``RANGES``
+    Separate ``fp8 [N, 128]`` rows and ``float32 [N]`` scales; query row ``r`` reads keys
+    ``ks[r] .. ke[r] - 1`` (clamped into ``[0, N]``). Output column ``j`` (``ABSOLUTE``) or
+    ``j - ks[r]`` (compressed: DeepGEMM's ``max_seqlen_k`` convention).
+
+The work list and balance are the batched scorer's (:mod:`.paged`): per launch up to
+``MAX_ROWS`` query rows, tiles of ``BLOCK_N`` keys counted and prefix-summed in registers, a
+persistent grid walking them, nothing read on the host (capturable in a CUDA graph). ``FILL``
+(``clean_logits``) also writes ``-inf`` at every output column outside a row's keys; without
+it those columns are left as allocated, as DeepGEMM leaves them. Addressing is int64; page
+ids outside ``[0, P)`` are never dereferenced (those keys give NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashmemory_triton import constants as C
+from flashmemory_triton.utils import _device
+
+from ._alloc import alloc_output
+from .numerics import e4m3_bits_to_f32
+from .paged import FILL_N, MAX_ROWS, _num_programs, batched_launch_config
+from .score import _load_key_tile_at
+
+_PAGE_CHUNKS = tl.constexpr(C.PAGE_CHUNKS)
+
+
+@triton.jit
+def _mqa_rows(lo_ptr, hi_ptr, row0, R, limit, width, max_pages,
+              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+              ABSOLUTE: tl.constexpr):
+    """Per-row vectors ``[BLOCK_B]`` of rows ``row0 ..``: keys (clamped), first key, output
+    column of the first key, tiles' exclusive and inclusive prefix sums, total tiles."""
+    rows = tl.arange(0, BLOCK_B)
+    rmask = rows < R
+    zero = tl.zeros([BLOCK_B], dtype=tl.int64)
+    if PAGED:
+        n_all = tl.load(lo_ptr + row0 + rows, mask=rmask, other=0).to(tl.int64)
+        n_all = tl.minimum(tl.maximum(n_all, 0), (zero + max_pages) * _PAGE_CHUNKS)
+        start_all = zero
+    else:
+        lo = tl.load(lo_ptr + row0 + rows, mask=rmask, other=0).to(tl.int64)
+        hi = tl.load(hi_ptr + row0 + rows, mask=rmask, other=0).to(tl.int64)
+        lo = tl.minimum(tl.maximum(lo, 0), zero + limit)
+        hi = tl.minimum(tl.maximum(hi, lo), zero + limit)
+        n_all = hi - lo
+        start_all = lo
+    if ABSOLUTE:
+        col0_all = start_all
+    else:
+        col0_all = zero
+        n_all = tl.minimum(n_all, zero + width)
+    tiles = ((n_all + BLOCK_N - 1) // BLOCK_N).to(tl.int32)
+    cum = tl.cumsum(tiles, axis=0)
+    return n_all, start_all, col0_all, cum - tiles, cum, tl.sum(tiles, axis=0)
+
+
+@triton.jit
+def _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_all, col0_all,
+              first_all, cum, row0, H, limit, next_n, page_units, stride_tb, stride_tp,
+              stride_wr, stride_or,
+              D: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, PAGE_UNIT: tl.constexpr,
+              PAGED: tl.constexpr, HW_FP8: tl.constexpr, BF16_DOT_VIA_F32: tl.constexpr):
+    rows = tl.arange(0, BLOCK_B)
+    b = tl.sum((cum <= t).to(tl.int32), axis=0)
+    sel = rows == b
+    first = tl.sum(tl.where(sel, first_all, 0), axis=0)
+    n_b = tl.sum(tl.where(sel, n_all, 0), axis=0)
+    col0 = tl.sum(tl.where(sel, col0_all, 0), axis=0)
+    n = (t - first).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < n_b
+    r = (row0 + b).to(tl.int64)  # the query row
+    if PAGED:
+        slot = n // _PAGE_CHUNKS
+        page = tl.load(table_ptr + (r // next_n) * stride_tb + slot * stride_tp,
+                       mask=nmask, other=0).to(tl.int64)
+        valid = (page >= 0) & (page < limit)
+        page = tl.where(valid, page, 0)
+        within = n - slot * _PAGE_CHUNKS
+        # Page starts in PAGE_UNIT-byte units (16 when the stride allows: 16-byte loads).
+        key_bytes = (page * page_units + within * (D // PAGE_UNIT)) * PAGE_UNIT
+        scale_words = page * (page_units * (PAGE_UNIT // 4)) + within + (_PAGE_CHUNKS * D) // 4
+    else:
+        start = tl.sum(tl.where(sel, start_all, 0), axis=0)
+        key = start + n
+        valid = key < limit  # always (ranges are clamped); keeps the mask shape uniform
+        key_bytes = (key * (D // 16)) * 16
+        scale_words = key
+    lmask = nmask & valid
+    k, abs_scale, sign, bad = _load_key_tile_at(kb_ptr, kf_ptr, key_bytes, scale_words, lmask,
+                                                D, "fp8", HW_FP8)
+    bad = bad | (~valid)
+    if BF16_DOT_VIA_F32:
+        k = k.to(tl.float32)
+    cols = tl.arange(0, D)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for h0 in tl.static_range(0, H_PAD, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        hmask = heads < H
+        qb = tl.load(q_ptr + (r * H + heads.to(tl.int64))[:, None] * D + cols[None, :],
+                     mask=hmask[:, None], other=0)
+        w = tl.load(w_ptr + r * stride_wr + heads, mask=hmask, other=0.0)
+        if HW_FP8:
+            s = tl.dot(k, tl.trans(qb.to(tl.float8e4nv, bitcast=True)))
+        elif BF16_DOT_VIA_F32:
+            s = tl.dot(k, tl.trans(e4m3_bits_to_f32(qb)), input_precision="ieee")
+        else:
+            s = tl.dot(k, tl.trans(e4m3_bits_to_f32(qb).to(tl.bfloat16)))
+        s = tl.maximum(s * sign[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
+        acc += tl.sum(s * w[None, :], axis=1)
+    logit = tl.where(bad, float("nan"), acc * abs_scale)
+    tl.store(out_ptr + r * stride_or + col0 + n, logit, mask=nmask)
+
+
+@triton.jit
+def _mqa_fill(f, n_fill, n_all, col0_all, row0, width, out_ptr, stride_or,
+              BLOCK_B: tl.constexpr, FILL_N: tl.constexpr):
+    """``-inf`` at the columns of fill block ``f`` outside its row's keys."""
+    b = f // n_fill
+    c = (f % n_fill).to(tl.int64) * FILL_N + tl.arange(0, FILL_N)
+    sel = tl.arange(0, BLOCK_B) == b
+    n_b = tl.sum(tl.where(sel, n_all, 0), axis=0)
+    col0 = tl.sum(tl.where(sel, col0_all, 0), axis=0)
+    fmask = ((c < col0) | (c >= col0 + n_b)) & (c < width)
+    r = (row0 + b).to(tl.int64)
+    tl.store(out_ptr + r * stride_or + c, tl.full([FILL_N], float("-inf"), dtype=tl.float32),
+             mask=fmask)
+
+
+@triton.jit
+def mqa_logits_kernel(
+    kb_ptr, kf_ptr,  # uint8 / float32 views: the pool (PAGED) or fp8 rows / scales (RANGES)
+    table_ptr,  # PAGED: block_table [B, max_pages]; RANGES: unused
+    lo_ptr, hi_ptr,  # PAGED: lengths [R] (hi unused); RANGES: ks [R], ke [R]
+    q_ptr,  # uint8 e4m3 bytes [R, H, D]
+    w_ptr, out_ptr,  # float32 weights [R, H] (row stride stride_wr), logits [R, width]
+    R, row0, H, width, limit, max_pages, next_n, page_units,
+    stride_tb, stride_tp, stride_wr, stride_or,
+    D: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_B: tl.constexpr, FILL_N: tl.constexpr, PAGE_UNIT: tl.constexpr,
+    PAGED: tl.constexpr, ABSOLUTE: tl.constexpr, FILL: tl.constexpr, HW_FP8: tl.constexpr,
+    BF16_DOT_VIA_F32: tl.constexpr, WHILE_LOOP: tl.constexpr,
+):
+    """Rows ``row0 .. row0 + R - 1``; ``limit``: pages in the pool (PAGED) or keys N."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    stride_tb = tl.cast(stride_tb, tl.int64)
+    stride_tp = tl.cast(stride_tp, tl.int64)
+    stride_wr = tl.cast(stride_wr, tl.int64)
+    stride_or = tl.cast(stride_or, tl.int64)
+    page_units = tl.cast(page_units, tl.int64)
+    limit = tl.cast(limit, tl.int64)
+    n_all, start_all, col0_all, first_all, cum, total = _mqa_rows(
+        lo_ptr, hi_ptr, row0, R, limit, width, max_pages, BLOCK_B, BLOCK_N, PAGED, ABSOLUTE)
+    n_fill = tl.cdiv(width, FILL_N)
+    if WHILE_LOOP:
+        t = pid
+        while t < total:
+            _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_all,
+                      col0_all, first_all, cum, row0, H, limit, next_n, page_units, stride_tb,
+                      stride_tp, stride_wr, stride_or, D, H_PAD, BLOCK_N, BLOCK_H, BLOCK_B,
+                      PAGE_UNIT, PAGED, HW_FP8, BF16_DOT_VIA_F32)
+            t += nprog
+        if FILL:
+            f = pid
+            while f < R * n_fill:
+                _mqa_fill(f, n_fill, n_all, col0_all, row0, width, out_ptr, stride_or,
+                          BLOCK_B, FILL_N)
+                f += nprog
+    else:
+        for t in range(pid, total, nprog):
+            _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_all,
+                      col0_all, first_all, cum, row0, H, limit, next_n, page_units, stride_tb,
+                      stride_tp, stride_wr, stride_or, D, H_PAD, BLOCK_N, BLOCK_H, BLOCK_B,
+                      PAGE_UNIT, PAGED, HW_FP8, BF16_DOT_VIA_F32)
+        if FILL:
+            for f in range(pid, R * n_fill, nprog):
+                _mqa_fill(f, n_fill, n_all, col0_all, row0, width, out_ptr, stride_or,
+                          BLOCK_B, FILL_N)
+
+
+# --- host side ---------------------------------------------------------------------------------
+def mqa_launch_config(width: int, H_pad: int, capability: tuple[int, int] | None) -> dict:
+    """The batched scorer's fp8 paged configuration (the same tile: one key tile, an e4m3 dot
+    per head block, a register reduction)."""
+    return batched_launch_config(width, H_pad, "fp8", capability, paged=True)
+
+
+def page_unit(stride_bytes: int, base_ptr: int) -> int:
+    """16 when every page starts 16-byte aligned (16-byte vector loads), else 4 (words)."""
+    return 16 if stride_bytes % 16 == 0 and base_ptr % 16 == 0 else 4
+
+
+def mqa_logits_launch(q8: torch.Tensor, w: torch.Tensor, kb: torch.Tensor, kf: torch.Tensor, *,
+                      width: int, limit: int, paged: bool, absolute: bool, fill: bool,
+                      lo: torch.Tensor, hi: torch.Tensor | None = None,
+                      table: torch.Tensor | None = None, next_n: int = 1,
+                      page_stride: int = C.PAGE_BYTES) -> torch.Tensor:
+    """Launch the raw-logits kernel over ``R = q8.shape[0]`` query rows; returns float32
+    ``[R, width]``. ``q8`` uint8 ``[R, H, 128]`` (e4m3 bytes, contiguous), ``w`` float32
+    ``[R, H]`` (unit column stride), ``kb``/``kf`` uint8/float32 views of the keys (the pool
+    from its first byte, or fp8 rows and scales), ``lo``/``hi`` int32 per-row lengths (paged)
+    or ``ks``/``ke``; paged: ``table [B, max_pages]``, ``next_n`` rows per table row and the
+    page stride in bytes (a multiple of 4). Inputs are validated by the caller."""
+    R, H, D = q8.shape
+    device = q8.device
+    out = alloc_output((R, width), torch.float32, device)
+    if R == 0 or width == 0:
+        return out
+    H_pad = max(16, triton.next_power_of_2(H))
+    cfg = mqa_launch_config(width, H_pad, _device.capability(device))
+    unit = page_unit(page_stride, kb.data_ptr()) if paged else 16
+    tab = table if paged else lo
+    stride_tb, stride_tp = (table.stride(0), table.stride(1)) if paged else (0, 0)
+    max_pages = table.shape[1] if paged else 0
+    hi_arg = hi if hi is not None else lo
+    for row0 in range(0, R, MAX_ROWS):
+        nb = min(MAX_ROWS, R - row0)
+        items = nb * triton.cdiv(width, cfg["BLOCK_N"])
+        mqa_logits_kernel[(_num_programs(device, items),)](
+            kb, kf, tab, lo, hi_arg, q8, w, out,
+            nb, row0, H, width, limit, max_pages, next_n, page_stride // unit,
+            stride_tb, stride_tp, w.stride(0), out.stride(0),
+            D=D, H_PAD=H_pad, BLOCK_B=max(16, triton.next_power_of_2(nb)), FILL_N=FILL_N,
+            PAGE_UNIT=unit, PAGED=paged, ABSOLUTE=absolute, FILL=fill,
+            HW_FP8=_device.has_hw_fp8(device),
+            BF16_DOT_VIA_F32=device.type != "cuda", WHILE_LOOP=device.type != "cuda", **cfg)
+    return out
