@@ -82,10 +82,10 @@ def _check_weights(weights, rows: int, H: int, contiguous: bool) -> torch.Tensor
     if tuple(weights.shape) != (rows, H):
         raise ValueError(f"weights must be [{rows}, {H}] (one weight per query row and head), "
                          f"got {V.describe(weights)}")
-    if weights.shape[1] > 1 and weights.stride(1) != 1 or contiguous and not \
-            weights.is_contiguous():
-        raise ValueError(f"weights must be {'contiguous' if contiguous else 'unit-stride along heads'}"
-                         f", got strides {weights.stride()}")
+    unit = weights.shape[1] <= 1 or weights.stride(1) == 1
+    if not unit or (contiguous and not weights.is_contiguous()):
+        need = "contiguous" if contiguous else "unit-stride along heads"
+        raise ValueError(f"weights must be {need}, got strides {weights.stride()}")
     return weights
 
 
@@ -170,8 +170,8 @@ def _mqa_torch(q, k8, ks, w, lo, hi, width, absolute, rows_per_step: int = 64):
             j = torch.arange(width, device=q.device)
             src = lo[m0:m1, None] + j[None, :]
             inside = src < hi[m0:m1, None]
-            got = full.gather(1, torch.where(inside, src, torch.zeros_like(src)).clamp(max=max(N - 1, 0))) \
-                if N else torch.zeros_like(src, dtype=torch.float32)
+            src = torch.where(inside, src, torch.zeros_like(src)).clamp(max=max(N - 1, 0))
+            got = full.gather(1, src) if N else torch.zeros_like(src, dtype=torch.float32)
             out[m0:m1] = torch.where(inside, got, out[m0:m1])
     return out
 
@@ -343,6 +343,6 @@ def _paged_torch(q, kv_cache, P, stride, w, lens, table, width):
         s = torch.einsum("thd,nd->thn", q[b].float(), k).relu()
         logits = torch.einsum("thn,th->tn", s, w[b * next_n:(b + 1) * next_n].float())
         inside = j[None, :] < lens[b][:, None]
-        out[b * next_n:(b + 1) * next_n, :cols] = torch.where(inside, logits,
-                                                               out[b * next_n:(b + 1) * next_n, :cols])
+        rows = slice(b * next_n, (b + 1) * next_n)
+        out[rows, :cols] = torch.where(inside, logits, out[rows, :cols])
     return out
