@@ -8,8 +8,10 @@ Two steps, usable separately so an engine can keep its own projections:
 * :func:`score_prepared`: prepared queries + compressed keys -> ensemble scores ``[B, N]``
   and optionally per-layer logits ``[L, B, N]``.
 
-:func:`score_chunks` does both. ``backend="auto"`` uses the Triton kernels on CUDA tensors (or
-under ``TRITON_INTERPRET=1``) and the pure-torch reference otherwise.
+:func:`score_chunks` does both. Backends: ``"triton"`` (the fused kernels), ``"cpu"`` (exact fp32
+on CPU tensors, blocked and multi-threaded: :mod:`flashmemory_triton.cpu_path`), ``"torch"``
+(the pure-torch fp32 reference, the oracle). ``backend="auto"`` uses Triton on CUDA tensors (or
+under ``TRITON_INTERPRET=1``), the CPU path on CPU tensors, and the reference otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from . import _validate as V
 from .utils import _device
 
 ENSEMBLES = ("max", "mean")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 def _precisions():
@@ -42,15 +45,21 @@ class PreparedQueries(NamedTuple):
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    V.choice("backend", backend, ("auto", "torch", "triton"))
+    V.choice("backend", backend, BACKENDS)
     if backend == "torch":
         return "torch"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors; tensors are on {device}")
+        return "cpu"
     runs = _device.triton_runs_on(device)
     if backend == "triton" and not runs:
         raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 with triton "
                          f"installed; tensors are on {device} "
                          f"(triton installed: {_device.triton_available()})")
-    return "triton" if runs else "torch"
+    if runs:
+        return "triton"
+    return "cpu" if device.type == "cpu" else "torch"
 
 
 def _resolve_precision(precision: str | None) -> str:
@@ -93,7 +102,7 @@ def prepare_queries(q_proj: torch.Tensor, w: torch.Tensor, positions: torch.Tens
     precision = _resolve_precision(precision)
     backend = resolve_backend(backend, q_proj.device)
     rows = ref.freqs_cis_at(positions, max_position, rope_freqs)
-    if backend == "torch":
+    if backend in ("torch", "cpu"):  # the reference's query side, bit for bit
         q = torch.stack([ref.prepare_query(q_proj[l], rows) for l in range(L)])
         w = w.float()
         if precision == "fp8":
@@ -129,7 +138,7 @@ def _check_prepared(prepared: PreparedQueries) -> None:
     in the precision's storage dtype, w ``[L, B, H]``, both on one device."""
     precisions, _ = _precisions()
     V.choice("prepared.precision", prepared.precision, precisions)
-    V.choice("prepared.backend", prepared.backend, ("torch", "triton"))
+    V.choice("prepared.backend", prepared.backend, ("torch", "triton", "cpu"))
     q = V.tensor("prepared.q", prepared.q, floating=True, ndim=4)
     w = V.tensor("prepared.w", prepared.w, floating=True, ndim=3)
     L, B, H, D = q.shape
@@ -166,8 +175,9 @@ def score_prepared(prepared: PreparedQueries, compressed_k: torch.Tensor, *,
     q, w = prepared.q, prepared.w
     L, B, H, D = q.shape
     _check_keys(compressed_k, L, B, q.device)
-    if prepared.backend == "torch":
-        return _score_torch(q, w, compressed_k, ensemble, logit_offset, return_logits)
+    if prepared.backend != "triton":
+        return _score_torch(q, w, compressed_k, ensemble, logit_offset, return_logits,
+                            prepared.backend)
     import os
     from .kernels.score import fused_score_launch
     if autotune is None:
@@ -178,7 +188,13 @@ def score_prepared(prepared: PreparedQueries, compressed_k: torch.Tensor, *,
                               autotune=autotune)
 
 
-def _score_torch(q, w, compressed_k, ensemble, logit_offset, return_logits):
+def _score_torch(q, w, compressed_k, ensemble, logit_offset, return_logits, backend="torch"):
+    """The non-Triton backends on validated inputs: ``"cpu"`` (exact fp32, blocked) or
+    ``"torch"`` (the reference, layer by layer)."""
+    if backend == "cpu":
+        from .cpu_path import score_prepared_cpu
+        return score_prepared_cpu(q, w, compressed_k, ensemble=ensemble,
+                                  logit_offset=logit_offset, return_logits=return_logits)
     L = q.shape[0]
     per_layer = compressed_k.dim() == 4
     logits = torch.stack([

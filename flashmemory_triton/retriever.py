@@ -13,7 +13,7 @@ from . import reference as ref
 from . import _validate as V
 from .utils import _device
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 ENSEMBLE_MODES = ("max", "mean")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -36,8 +36,10 @@ class FlashMemoryRetriever(nn.Module):
 
     Drop-in for the upstream release (same constructor, methods, outputs), plus:
 
-    * ``backend``: ``"torch"`` (the fp32 reference), ``"triton"`` (fused kernels), or
-      ``"auto"`` (triton on CUDA or under ``TRITON_INTERPRET=1``, torch otherwise);
+    * ``backend``: ``"torch"`` (the fp32 reference, the oracle), ``"triton"`` (fused kernels),
+      ``"cpu"`` (exact fp32 on a CPU device, blocked and multi-threaded, within fp32 summation
+      order of the reference: :mod:`flashmemory_triton.cpu_path`), or ``"auto"`` (triton on
+      CUDA or under ``TRITON_INTERPRET=1``, cpu on a CPU device, torch otherwise);
     * ``dtype``: storage dtype of the weights (float32 as released, or bfloat16);
     * ``logit_offset``: added to every logit before the sigmoid;
     * ``precision``: the Triton scoring mode (see :mod:`flashmemory_triton.kernels`);
@@ -200,6 +202,11 @@ class FlashMemoryRetriever(nn.Module):
         """The backend calls will use on this retriever's device."""
         if self.backend == "torch":
             return "torch"
+        if self.backend == "cpu":
+            if self.device.type != "cpu":
+                raise ValueError(f"backend='cpu' needs the retriever on a CPU device, it is on "
+                                 f"{self.device}; use backend='auto' or 'triton'")
+            return "cpu"
         if self.backend == "triton":
             if not _device.triton_runs_on(self.device):
                 raise ValueError(
@@ -211,9 +218,9 @@ class FlashMemoryRetriever(nn.Module):
                                  f"kernels' tile width), this retriever has head_dim "
                                  f"{self.head_dim}; use backend='torch' or 'auto'")
             return "triton"
-        if self.head_dim != C.HEAD_DIM:
-            return "torch"
-        return "triton" if _device.triton_runs_on(self.device) else "torch"
+        if self.head_dim == C.HEAD_DIM and _device.triton_runs_on(self.device):
+            return "triton"
+        return "cpu" if self.device.type == "cpu" else "torch"
 
     def extra_repr(self) -> str:
         return (f"layers={self.layer_names}, n_heads={self.n_heads}, head_dim={self.head_dim}, "
@@ -247,8 +254,11 @@ class FlashMemoryRetriever(nn.Module):
     def logits(self, hidden, compressed_k, positions) -> torch.Tensor:
         """Per-layer logits ``[L, B, N]`` float32 (before the sigmoid, offset included)."""
         per_h, per_k, _, _ = self._check_inputs(hidden, compressed_k, positions)
-        if self.resolved_backend() == "triton":
+        backend = self.resolved_backend()
+        if backend == "triton":
             return self._triton_score(hidden, compressed_k, positions, "max", True)[1]
+        if backend == "cpu":
+            return self._cpu_score(hidden, compressed_k, positions, per_h, "max", True)[1]
         return torch.stack([self._torch_layer(i, hidden, compressed_k, positions, per_h, per_k)
                             for i in range(self.n_layers)])
 
@@ -261,6 +271,29 @@ class FlashMemoryRetriever(nn.Module):
                                 compressed_k[i] if per_k else compressed_k, positions,
                                 self.layer_weights(name), self.max_position, self.head_dim,
                                 self.logit_offset, mixed_freqs=self.rope_freqs)
+
+    def _reference_queries(self, hidden, positions, per_h, layers):
+        """The reference's query side of ``layers`` (the same calls as :meth:`_torch_layer`,
+        so the same bits): ``q [len(layers), B, H, D]`` and ``w [len(layers), B, H]``."""
+        qs, ws = [], []
+        for i in layers:
+            q, w = ref.query_side((hidden[i] if per_h else hidden).contiguous(),
+                                  self.layer_weights(self.layer_names[i]), positions,
+                                  self.max_position, self.head_dim, mixed_freqs=self.rope_freqs)
+            qs.append(q)
+            ws.append(w)
+        return torch.stack(qs), torch.stack(ws)
+
+    def _cpu_score(self, hidden, compressed_k, positions, per_h, mode, want_logits, layer=None):
+        """The CPU backend: the reference's queries, then :mod:`cpu_path`'s exact scorer
+        (``layer``: that layer alone, its own key buffer if keys are per layer)."""
+        from .cpu_path import score_prepared_cpu
+        layers = range(self.n_layers) if layer is None else [layer]
+        q, w = self._reference_queries(hidden, positions, per_h, layers)
+        if layer is not None and compressed_k.dim() == 4:
+            compressed_k = compressed_k[layer:layer + 1]
+        return score_prepared_cpu(q, w, compressed_k, ensemble=mode,
+                                  logit_offset=self.logit_offset, return_logits=want_logits)
 
     def _triton_score(self, hidden, compressed_k, positions, mode, want_logits):
         from .ops import score_hidden
@@ -277,10 +310,14 @@ class FlashMemoryRetriever(nn.Module):
         """One layer's ``[B, N]`` scores (``hidden``/``compressed_k`` shared or per-layer)."""
         i = self._layer_index(name)
         per_h, per_k, _, _ = self._check_inputs(hidden, compressed_k, positions)
-        if self.resolved_backend() == "triton":
+        backend = self.resolved_backend()
+        if backend == "triton":
             from .ops import score_hidden
             logit = score_hidden(self, hidden, compressed_k, positions, return_logits=True,
                                  layer=i)[1][0]
+        elif backend == "cpu":
+            logit = self._cpu_score(hidden, compressed_k, positions, per_h, "max", True,
+                                    layer=i)[1][0]
         else:
             logit = self._torch_layer(i, hidden, compressed_k, positions, per_h, per_k)
         return torch.sigmoid(logit) if apply_sigmoid else logit
@@ -288,9 +325,12 @@ class FlashMemoryRetriever(nn.Module):
     def ensemble(self, hidden, compressed_k, positions, mode: str = "max") -> torch.Tensor:
         """Per-chunk ensemble of the layers' sigmoid scores, ``[B, N]`` float32."""
         V.choice("mode", mode, ENSEMBLE_MODES)
-        self._check_inputs(hidden, compressed_k, positions)
-        if self.resolved_backend() == "triton":
+        per_h, _, _, _ = self._check_inputs(hidden, compressed_k, positions)
+        backend = self.resolved_backend()
+        if backend == "triton":
             return self._triton_score(hidden, compressed_k, positions, mode, False)[0]
+        if backend == "cpu":  # scores only: no [L, B, N] logits held
+            return self._cpu_score(hidden, compressed_k, positions, per_h, mode, False)[0]
         scores = self.forward(hidden, compressed_k, positions)
         return ref.ensemble_scores(list(scores.values()), mode)
 
@@ -329,17 +369,15 @@ class FlashMemoryRetriever(nn.Module):
         """
         from . import paged as P
         V.choice("mode", mode, ENSEMBLE_MODES)
-        backend = self.resolved_backend()
-        # Every argument is checked before anything launches (the query kernel included).
-        self._check_hidden(hidden, positions)
-        checked = P.check_paged(pools, page_table, n_chunks, max_chunks, self.n_layers,
-                                hidden.shape[-2], self.device, queries="the hidden states")
-        if backend == "triton":
+        if self.resolved_backend() == "triton":
+            self._check_hidden(hidden, positions, page_table.shape[0]
+                               if isinstance(page_table, torch.Tensor) else None)
             return P.score_hidden_paged(self, hidden, pools, page_table, n_chunks, positions,
-                                        checked, ensemble=mode, return_logits=return_logits)
-        _, _, M, n64 = checked
-        rows = P.pool_to_rows(pools, page_table, n_chunks, M)
-        return self._score_rows_batch(hidden, rows, positions, n64, mode, return_logits)
+                                        ensemble=mode, return_logits=return_logits,
+                                        max_chunks=max_chunks)
+        rows = P.pool_to_rows(pools, page_table, n_chunks, max_chunks)
+        return self._score_rows_batch(hidden, rows, positions,
+                                      n_chunks.to(torch.int64).clone(), mode, return_logits)
 
     def score_varlen(self, hidden, keys, cu_chunks, positions, *, mode: str = "max",
                      return_logits: bool = False, max_chunks: int | None = None):
@@ -352,16 +390,15 @@ class FlashMemoryRetriever(nn.Module):
         """
         from . import paged as P
         V.choice("mode", mode, ENSEMBLE_MODES)
-        backend = self.resolved_backend()
-        self._check_hidden(hidden, positions)
-        checked = P.check_varlen(keys, cu_chunks, max_chunks, self.n_layers, hidden.shape[-2],
-                                 self.device, queries="the hidden states")
-        if backend == "triton":
-            return P.score_hidden_varlen(self, hidden, keys, cu_chunks, positions, checked,
-                                         ensemble=mode, return_logits=return_logits)
-        _, _, M, n64 = checked
-        rows = P.varlen_to_rows(keys, cu_chunks, M)
-        return self._score_rows_batch(hidden, rows, positions, n64, mode, return_logits)
+        if self.resolved_backend() == "triton":
+            self._check_hidden(hidden, positions, cu_chunks.shape[0] - 1
+                               if isinstance(cu_chunks, torch.Tensor) else None)
+            return P.score_hidden_varlen(self, hidden, keys, cu_chunks, positions, ensemble=mode,
+                                         return_logits=return_logits, max_chunks=max_chunks)
+        rows = P.varlen_to_rows(keys, cu_chunks, max_chunks)
+        cu = cu_chunks.to(torch.int64)
+        return self._score_rows_batch(hidden, rows, positions, cu[1:] - cu[:-1], mode,
+                                      return_logits)
 
     def _check_hidden_dims(self, hidden):
         """``hidden``'s last dim is the weights' hidden size; per-layer hidden has L rows."""
@@ -373,16 +410,19 @@ class FlashMemoryRetriever(nn.Module):
                              f"{self.hidden_size}] (layers {self.layer_names}), got "
                              f"{V.describe(hidden)}")
 
-    def _check_hidden(self, hidden, positions):
-        """The hidden/positions half of :meth:`_check_inputs` (keys are checked apart)."""
+    def _check_hidden(self, hidden, positions, batch):
+        """The hidden/positions half of :meth:`_check_inputs` (keys are checked by the op)."""
         V.tensor("hidden", hidden, floating=True, ndims=(2, 3))
         self._check_hidden_dims(hidden)
+        if batch is not None and hidden.shape[-2] != batch:
+            raise ValueError(f"hidden batch {hidden.shape[-2]} does not match the key batch's "
+                             f"{batch} requests (hidden {V.describe(hidden)})")
         V.tensor("positions", positions, integer=True, ndim=1)
         V.same_device(self.device, hidden=hidden, positions=positions)
         V.positions("positions", positions, hidden.shape[-2])
 
     def _score_rows_batch(self, hidden, rows, positions, n_chunks, mode, return_logits):
-        """Torch backend of the batched paths: the reference on padded rows, then the fill."""
+        """Torch and CPU backends of the batched paths: logits on padded rows, then the fill."""
         from .paged import BatchScores
         logits = self.logits(hidden, rows, positions)
         M = logits.shape[-1]

@@ -307,7 +307,7 @@ def test_backend_errors_are_clear(device):
             with pytest.raises(ValueError, match="backend='triton'"):
                 ops.prepare_queries(q, torch.zeros(1, 1, 16), torch.zeros(1, dtype=torch.long),
                                     backend="triton")
-            assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+            assert ops.resolve_backend("auto", torch.device("cpu")) == "cpu"
         finally:
             os.environ["TRITON_INTERPRET"] = saved
     with pytest.raises(ValueError, match="precision"):
