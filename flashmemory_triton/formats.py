@@ -7,10 +7,23 @@ Paged split format (DeepSeek-V4 serving engines)
     followed by ``[64 x 4-byte float32 scales]``. A batch is a pool (or one pool per layer),
     ``page_table [B, max_pages]`` (int32 or int64: request ``b``'s chunks ``64 j .. 64 j + 63``
     are in page ``page_table[b, j]``) and ``n_chunks [B]``. Only the split layout is accepted,
-    always with the page as the last dim of 8448 bytes: a ``[P, 64, 132]`` tensor is refused
-    because its bytes would be read as ROW-format chunks (design §10); if such a tensor does hold
-    split-layout bytes, pass ``.view(P, 8448)``; if it holds rows, convert with
+    in one of two shapes, each read by its shape alone:
+
+    * ``[P, 8448]`` (``[L, P, 8448]`` per layer): a page is the last dim;
+    * ``[P, 64, 1, 132]`` (``[L, P, 64, 1, 132]``): the serving engines' (DeepGEMM's) fused
+      cache, whose singleton head dim marks it: page ``p`` is the 8448 bytes from
+      ``kv_cache[p]``'s first byte, read as ``[64 x 128 e4m3][64 x 4-byte scales]`` (its
+      ``[64, 1, 132]`` view is NOT 64 rows of 132 bytes).
+
+    The page stride (``stride(0)`` of the pages dim) may exceed 8448 (an engine's padded pages).
+    A ``[P, 64, 132]`` tensor is refused: that is the ROW format's shape, and its bytes would
+    be read as 64 row-format chunks a page (design §10). If it holds split-layout bytes pass
+    ``.view(P, 8448)`` (or ``.unsqueeze(2)``); if it holds rows, convert with
     :func:`rows_to_pages`.
+MTP (``next_n`` draft tokens a request)
+    ``n_chunks [B, next_n]``: query row ``b * next_n + t`` reads request ``b``'s pages
+    (``page_table[b]``) and sees its first ``n_chunks[b, t]`` chunks
+    (:func:`expand_next_n`).
 Varlen row format
     Row-format chunks of every request packed back to back, ``uint8 [total, 132]``, with
     ``cu_chunks [B + 1]`` (request ``b`` owns rows ``cu_chunks[b] .. cu_chunks[b + 1] - 1``).
@@ -35,7 +48,7 @@ from . import constants as C
 from . import _validate as V
 
 __all__ = [
-    "KeyBuffers", "PagedBatch", "VarlenBatch",
+    "KeyBuffers", "PagedBatch", "VarlenBatch", "engine_pages", "expand_next_n",
     "rows_to_pages", "pages_to_rows", "pack_pool", "pool_to_rows", "unpack_pool",
     "pack_varlen", "varlen_to_rows", "unpack_varlen", "varlen_to_pool",
 ]
@@ -50,17 +63,19 @@ class KeyBuffers:
     0's); ``layer_offsets`` is ``None`` (one buffer for every layer) or an int64 device tensor
     ``[L]``: layer ``l``'s buffer start minus ``base``'s, in units of ``layer_unit`` bytes;
     ``limit`` is the number of pages (paged) or rows (varlen) every layer's buffer holds.
-    ``keep`` holds the per-layer tensors so they outlive the launch.
+    ``keep`` holds the per-layer tensors so they outlive the launch. ``page_stride``: bytes
+    from one page to the next in every pool (paged; 8448 unless an engine pads its pages).
     """
 
-    __slots__ = ("base", "layer_offsets", "limit", "paged", "keep")
+    __slots__ = ("base", "layer_offsets", "limit", "paged", "keep", "page_stride")
 
-    def __init__(self, base, layer_offsets, limit, paged, keep=()):
+    def __init__(self, base, layer_offsets, limit, paged, keep=(), page_stride=C.PAGE_BYTES):
         self.base = base
         self.layer_offsets = layer_offsets
         self.limit = int(limit)
         self.paged = bool(paged)
         self.keep = tuple(keep)
+        self.page_stride = int(page_stride)
 
     @property
     def shared(self) -> bool:
@@ -124,6 +139,37 @@ def pages_to_rows(pages: torch.Tensor, n_chunks: int | None = None) -> torch.Ten
     scales = pages[..., _FP8_BLOCK:].reshape(*lead, P, C.PAGE_CHUNKS, C.SCALE_BYTES)
     rows = torch.cat([fp8, scales], dim=-1).reshape(*lead, total, C.CHUNK_BYTES)
     return rows[..., :n_chunks, :].contiguous()
+
+
+def engine_pages(pool):
+    """The engines' fused cache ``[..., P, 64, 1, 132]`` -> the same bytes as ``[..., P, 8448]``
+    pages (a view: same storage, same page stride); a list of them element-wise; anything
+    else unchanged. The 64 slots must be 132 bytes apart and bytes contiguous, as engines
+    allocate them."""
+    if isinstance(pool, (list, tuple)):
+        return type(pool)(engine_pages(p) for p in pool)
+    if not isinstance(pool, torch.Tensor) or pool.dim() < 4 or \
+            tuple(pool.shape[-3:]) != (C.PAGE_CHUNKS, 1, C.CHUNK_BYTES):
+        return pool
+    V.tensor("pools", pool, dtype=torch.uint8)
+    if pool.stride(-3) != C.CHUNK_BYTES or pool.stride(-1) != 1:
+        raise ValueError(f"a [P, 64, 1, 132] pool must hold each page's 8448 bytes contiguously "
+                         f"(strides (page, 132, *, 1)), got strides {pool.stride()}")
+    return pool.as_strided((*pool.shape[:-3], C.PAGE_BYTES), (*pool.stride()[:-3], 1))
+
+
+def expand_next_n(page_table, n_chunks):
+    """MTP rows: ``n_chunks [B, next_n]`` -> ``(page_table`` with each row repeated ``next_n``
+    times ``[B * next_n, max_pages]``, ``n_chunks.reshape(-1))``: row ``b * next_n + t`` reads
+    request ``b``'s pages and sees ``n_chunks[b, t]`` chunks. Device ops only (no host sync).
+    1-D ``n_chunks`` (and anything malformed, left to the checks) pass unchanged."""
+    if isinstance(n_chunks, torch.Tensor) and n_chunks.dim() == 2 \
+            and isinstance(page_table, torch.Tensor) and page_table.dim() == 2:
+        if n_chunks.shape[0] != page_table.shape[0]:
+            raise ValueError(f"2-D n_chunks must be [B={page_table.shape[0]}, next_n] to match "
+                             f"page_table, got {V.describe(n_chunks)}")
+        return page_table.repeat_interleave(n_chunks.shape[1], 0), n_chunks.reshape(-1)
+    return page_table, n_chunks
 
 
 def _check_pages(name: str, pages: torch.Tensor, ndims) -> torch.Tensor:
@@ -241,8 +287,11 @@ def pool_to_rows(pool, page_table: torch.Tensor, n_chunks: torch.Tensor,
     """Gather a paged batch into padded row format: ``[B, max_chunks, 132]`` for a shared pool,
     ``[L, B, max_chunks, 132]`` for per-layer pools (a ``[L, P, 8448]`` tensor or a list).
     Chunks past ``n_chunks[b]`` are zero bytes. ``max_chunks`` defaults to
-    ``64 * page_table.shape[1]``. Page ids of used pages are validated (host sync)."""
-    pool = _unwrap(pool)
+    ``64 * page_table.shape[1]``. Page ids of used pages are validated (host sync). Pools may
+    be engine-shaped (``[P, 64, 1, 132]``) and ``n_chunks`` 2-D (``[B, next_n]``: ``B *
+    next_n`` rows)."""
+    pool = engine_pages(_unwrap(pool))
+    page_table, n_chunks = expand_next_n(page_table, n_chunks)
     pools = _pool_list(pool)
     B, width = _check_table(page_table, n_chunks, pools[0].device)
     M = _resolve_max_chunks(max_chunks, width * C.PAGE_CHUNKS, "64 * page_table.shape[1]")
@@ -266,7 +315,7 @@ def pool_to_rows(pool, page_table: torch.Tensor, n_chunks: torch.Tensor,
 def unpack_pool(pool, page_table, n_chunks) -> list[torch.Tensor]:
     """Per-request row-format keys (``[n_b, 132]`` or ``[L, n_b, 132]``), a list of ``B``."""
     rows = pool_to_rows(pool, page_table, n_chunks)
-    lengths = n_chunks.tolist()
+    lengths = expand_next_n(page_table, n_chunks)[1].tolist()
     return [rows[..., b, :n, :].contiguous() for b, n in enumerate(lengths)]
 
 

@@ -34,7 +34,7 @@ from .formats import (  # noqa: F401  (the formats' names stay importable from h
     _check_paged_values, _check_pages, _check_table, _per_layer_pool, _per_layer_varlen,
     _pool_list, _resolve_max_chunks, _unwrap, _varlen_lengths, _varlen_list, pack_pool,
     pack_varlen, pages_to_rows, pool_to_rows, rows_to_pages, unpack_pool, unpack_varlen,
-    varlen_to_pool, varlen_to_rows,
+    varlen_to_pool, varlen_to_rows, engine_pages, expand_next_n,
 )
 
 __all__ = [
@@ -103,24 +103,31 @@ def _require_held_buffers(n_layers, device: torch.device, what: str, builder: st
 
 
 def page_pools(pools):
-    """Pools (``[P, 8448]``, ``[L, P, 8448]`` or a list of ``L`` ``[P, 8448]``) -> the kernel's
-    :class:`KeyBuffers`. Every pool must have contiguous
-    8448-byte pages (page stride 8448, a 16-byte aligned start) and is read in place."""
+    """Pools (``[P, 8448]``, ``[L, P, 8448]``, a list of ``L`` ``[P, 8448]``, or the engines'
+    ``[P, 64, 1, 132]`` / ``[L, P, 64, 1, 132]`` / list of them) -> the kernel's
+    :class:`KeyBuffers`. Read in place when every pool's page stride is one multiple of 16
+    bytes (at least 8448; an engine's padded pages included) and every pool starts 16-byte
+    aligned (16-byte loads); any other pool is first copied to contiguous pages."""
     if isinstance(pools, KeyBuffers):
         return pools
+    pools = engine_pages(pools)
     bufs = _pool_list(pools)
-    for i, p in enumerate(bufs):
-        if p.shape[0] > 1 and p.stride(0) != C.PAGE_BYTES or p.stride(1) != 1:
-            raise ValueError(f"pool {i} must hold contiguous {C.PAGE_BYTES}-byte pages "
-                             f"(strides ({C.PAGE_BYTES}, 1)), got strides {p.stride()}")
-        if p.data_ptr() % 16:
-            raise ValueError(f"pool {i} must start 16-byte aligned, its address is "
-                             f"{p.data_ptr()} (% 16 = {p.data_ptr() % 16}); use .clone()")
+    strides = {p.stride(0) for p in bufs if p.shape[0] > 1}
+    stride = strides.pop() if len(strides) == 1 else C.PAGE_BYTES
+
+    def in_place(p):
+        return (p.shape[0] <= 1 or p.stride(0) == stride) and p.stride(1) == 1 \
+            and p.data_ptr() % 16 == 0
+
+    if stride % 16 or stride < C.PAGE_BYTES or not all(in_place(p) for p in bufs):
+        stride = C.PAGE_BYTES
+        bufs = [p if in_place(p) else p.clone(memory_format=torch.contiguous_format)
+                for p in bufs]
     limit = min(p.shape[0] for p in bufs)
     if not _per_layer_pool(pools):
-        return KeyBuffers(bufs[0], None, limit, paged=True, keep=bufs)
+        return KeyBuffers(bufs[0], None, limit, paged=True, keep=bufs, page_stride=stride)
     return KeyBuffers(bufs[0], _layer_offsets(bufs, PAGED_LAYER_UNIT), limit, paged=True,
-                      keep=bufs)
+                      keep=bufs, page_stride=stride)
 
 
 def varlen_buffers(keys):
@@ -166,12 +173,18 @@ def score_paged(prepared, pools, page_table: torch.Tensor, n_chunks: torch.Tenso
 
     ``prepared`` from :func:`~flashmemory_triton.ops.prepare_queries` (``[L, B, H, D]``);
     ``pools``: ``[P, 8448]`` (one pool for every layer), ``[L, P, 8448]`` or a list of ``L``
-    ``[P_l, 8448]`` pools (read in place), or :func:`page_pools`' result; ``page_table``
-    ``[B, max_pages]`` and ``n_chunks [B]`` (int32/int64). Output width ``max_chunks`` defaults
-    to ``64 * max_pages``, known from the shape. The kernel needs no host values; the value
-    checks read a few on the host (a sync) except under CUDA graph capture, where they are
-    skipped and the call is capturable (per-layer pools then as a held :func:`page_pools`).
+    ``[P_l, 8448]`` pools, the same as the engines' ``[P, 64, 1, 132]`` (``[L, P, 64, 1,
+    132]``, lists) with any page stride (read in place: see :func:`page_pools`), or
+    :func:`page_pools`' result; ``page_table [B, max_pages]`` and ``n_chunks [B]``
+    (int32/int64), or ``n_chunks [B, next_n]`` (MTP: the queries then have ``B * next_n``
+    rows, row ``b * next_n + t`` seeing ``n_chunks[b, t]`` chunks of request ``b``). Output
+    width ``max_chunks`` defaults to ``64 * max_pages``, known from the shape. The kernel needs
+    no host values; the value checks read a few on the host (a sync) except under CUDA graph
+    capture, where they are skipped and the call is capturable (per-layer pools then as a held
+    :func:`page_pools`).
     """
+    pools = engine_pages(pools)
+    page_table, n_chunks = expand_next_n(page_table, n_chunks)
     logit_offset = _check_scoring(prepared, ensemble, logit_offset)
     B = prepared.q.shape[1]
     device = prepared.q.device

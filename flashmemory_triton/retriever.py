@@ -360,8 +360,12 @@ class FlashMemoryRetriever(nn.Module):
 
         ``hidden`` ``[B, hidden]`` (shared) or ``[L, B, hidden]`` (each layer's own input, as
         serving); ``pools`` ``[P, 8448]`` (one pool for every layer), ``[L, P, 8448]`` or a list
-        of ``L`` per-layer pools (read in place); ``page_table [B, max_pages]`` and ``n_chunks
-        [B]`` (int32/int64); ``positions [B]`` token positions. Returns a
+        of ``L`` per-layer pools, or the engines' ``[P, 64, 1, 132]`` cache (any page stride;
+        see :mod:`flashmemory_triton.formats` for how each shape is read); ``page_table [B,
+        max_pages]`` and ``n_chunks [B]`` (int32/int64), or ``n_chunks [B, next_n]`` (MTP:
+        ``hidden`` and ``positions`` then have ``B * next_n`` rows, row ``b * next_n + t``
+        seeing ``n_chunks[b, t]`` chunks of request ``b``); ``positions [B]`` token positions.
+        Returns a
         :class:`~flashmemory_triton.paged.BatchScores`: ``scores [B, max_chunks]`` (0 past each
         request's length; ``max_chunks`` defaults to ``64 * max_pages``), per-layer ``logits``
         (``-inf`` past it) if ``return_logits``, and ``n_chunks``; pass it to
@@ -369,6 +373,8 @@ class FlashMemoryRetriever(nn.Module):
         """
         from . import paged as P
         V.choice("mode", mode, ENSEMBLE_MODES)
+        pools = P.engine_pages(pools)
+        page_table, n_chunks = P.expand_next_n(page_table, n_chunks)  # MTP rows
         if self.resolved_backend() == "triton":
             self._check_hidden(hidden, positions, page_table.shape[0]
                                if isinstance(page_table, torch.Tensor) else None)

@@ -29,7 +29,13 @@ from . import PRECISIONS
 from .query_prep import QUERY_BLOCK_H, query_prep_kernel
 from .score import fused_score_kernel, launch_config
 
-TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
+TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32),
+           "sm_89": GPUTarget("cuda", 89, 32)}
+# The DeepGEMM drop-in's kernel (``mqa_logits``) is built for every arch its API promises:
+# sm_89 is the first with e4m3 tensor cores below Hopper (the other kernels: sm_90, sm_80).
+MQA_ARCHS = ("sm_90", "sm_89", "sm_80")
+SCORER_ARCHS = ("sm_90", "sm_80")
+DEFAULT_ARCHS = ("sm_90", "sm_80", "sm_89")
 PTX_MARKERS = {
     "wgmma": r"wgmma\.mma_async",
     "wgmma_bf16": r"wgmma\.mma_async[^\n]*\.bf16",
@@ -38,6 +44,7 @@ PTX_MARKERS = {
     "mma_sync": r"\bmma\.sync",
     "mma_sync_bf16": r"\bmma\.sync[^\n]*\.bf16",
     "mma_sync_tf32": r"\bmma\.sync[^\n]*\.tf32",
+    "mma_sync_e4m3": r"\bmma\.sync[^\n]*\.e4m3",
     "cvt_e4m3": r"cvt[^\n]*e4m3",
     "ld_global_b32": r"ld\.global[^\n]*\.b32",
     "ld_global_u8": r"ld\.global[^\n]*\.u8",
@@ -134,7 +141,8 @@ def compile_batched(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: bool
         "kb_ptr": "*u8", "kf_ptr": "*fp32", "layer_off_ptr": "*i64", "table_ptr": f"*{INDEX}",
         "len_ptr": f"*{INDEX}", "q_ptr": q_type, "w_ptr": "*fp32", "scores_ptr": "*fp32",
         "logits_ptr": "*fp32", "B": "i32", "B_q": "i32", "row0": "i32", "H": "i32",
-        "max_chunks": "i32", "limit": "i32", "max_pages": "i32", "stride_tb": "i32",
+        "max_chunks": "i32", "limit": "i32", "max_pages": "i32", "page_units": "i32",
+        "stride_tb": "i32",
         "stride_tp": "i32", "stride_sb": "i32", "stride_ll": "i32", "stride_lb": "i32",
         "logit_offset": "fp32",
     }
@@ -150,6 +158,46 @@ def compile_batched(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: bool
     # specialization); the pool's 16-byte alignment is checked by ``paged.page_pools``.
     aligned = [name for name, ty in signature.items() if ty.startswith("*")]
     return _compile(batched_score_kernel, signature, constexprs, arch, cfg["num_warps"],
+                    cfg["num_stages"], aligned=aligned)
+
+
+def mqa_specializations(arch: str):
+    """The DeepGEMM drop-in's raw-logits kernel (``kernels.mqa_logits``) at H = 128 (V4's
+    heads, one call): paged with 16-byte page units (page stride a multiple of 16) and 4-byte
+    ones, with and without the clean fill, and the non-paged key ranges (absolute columns,
+    cleaned; compressed). The e4m3 q is read as bytes: bitcast on sm_89+, decoded on sm_80."""
+    for unit, fill in ((16, False), (16, True), (4, False)):
+        yield dict(PAGED=True, ABSOLUTE=False, FILL=fill, PAGE_UNIT=unit)
+    yield dict(PAGED=False, ABSOLUTE=True, FILL=True, PAGE_UNIT=16)
+    yield dict(PAGED=False, ABSOLUTE=False, FILL=False, PAGE_UNIT=16)
+
+
+def compile_mqa(arch: str, *, PAGED: bool, ABSOLUTE: bool, FILL: bool, PAGE_UNIT: int,
+                H_PAD: int = 128, BLOCK_B: int | None = None, **config):
+    """Compile one specialization of ``mqa_logits.mqa_logits_kernel`` with the launcher's GPU
+    parameters (``mqa_launch_config``) or ``config`` overrides."""
+    from .mqa_logits import FILL_N, MAX_ROWS, mqa_launch_config, mqa_logits_kernel
+    target = TARGETS[arch]
+    capability = divmod(target.arch, 10)
+    cfg = {**mqa_launch_config(1 << 20, H_PAD, capability), **config}
+    signature = {
+        "kb_ptr": "*u8", "kf_ptr": "*fp32", "table_ptr": "*i32", "lo_ptr": "*i32",
+        "hi_ptr": "*i32", "q_ptr": "*u8", "w_ptr": "*fp32", "out_ptr": "*fp32",
+        "R": "i32", "row0": "i32", "H": "i32", "width": "i32", "limit": "i32",
+        "max_pages": "i32", "next_n": "i32", "page_units": "i32", "stride_tb": "i32",
+        "stride_tp": "i32", "stride_wr": "i32", "stride_or": "i32",
+    }
+    constexprs = dict(D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"], BLOCK_H=cfg["BLOCK_H"],
+                      BLOCK_B=BLOCK_B or MAX_ROWS, FILL_N=FILL_N, PAGE_UNIT=PAGE_UNIT,
+                      PAGED=PAGED, ABSOLUTE=ABSOLUTE, FILL=FILL, HW_FP8=capability >= (8, 9),
+                      BF16_DOT_VIA_F32=False, WHILE_LOOP=False)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    # torch allocations are 16-byte aligned; the pool base only when the launcher picks
+    # 16-byte page units (``mqa_logits.page_unit``), so kb_ptr is aligned only then.
+    aligned = [n for n, ty in signature.items() if ty.startswith("*")
+               and (n not in ("kb_ptr", "kf_ptr") or PAGE_UNIT == 16)]
+    return _compile(mqa_logits_kernel, signature, constexprs, arch, cfg["num_warps"],
                     cfg["num_stages"], aligned=aligned)
 
 
@@ -202,22 +250,26 @@ def _resource_usage(compiled) -> dict:
 
 def _jobs(archs):
     for arch in archs:
-        for spec in score_specializations(arch):
-            yield "fused_score", arch, spec
-        for fp8, out_bf16 in ((False, False), (False, True), (True, True)):
-            yield "query_prep", arch, {"FP8": fp8, "OUT_BF16": out_bf16}
-        for spec in batched_specializations(arch):
-            yield "batched_score", arch, spec
+        if arch in SCORER_ARCHS:
+            for spec in score_specializations(arch):
+                yield "fused_score", arch, spec
+            for fp8, out_bf16 in ((False, False), (False, True), (True, True)):
+                yield "query_prep", arch, {"FP8": fp8, "OUT_BF16": out_bf16}
+            for spec in batched_specializations(arch):
+                yield "batched_score", arch, spec
+        if arch in MQA_ARCHS:
+            for spec in mqa_specializations(arch):
+                yield "mqa_logits", arch, spec
 
 
 def _run_job(job) -> dict:
     kernel, arch, spec = job
     compile_fn = {"fused_score": compile_score, "query_prep": compile_query_prep,
-                  "batched_score": compile_batched}[kernel]
+                  "batched_score": compile_batched, "mqa_logits": compile_mqa}[kernel]
     return {"kernel": kernel, **spec, **compile_fn(arch, **spec)}
 
 
-def compile_all(archs=("sm_90", "sm_80"), workers: int | None = None) -> list[dict]:
+def compile_all(archs=DEFAULT_ARCHS, workers: int | None = None) -> list[dict]:
     """Compile every specialization, ``workers`` processes at a time (default: one per core;
     ptxas is single-threaded and an sm_80 build of the scorer takes a minute or two)."""
     jobs = list(_jobs(archs))
@@ -235,7 +287,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot: unset TRITON_INTERPRET to compile for a GPU target", file=sys.stderr)
         return 2
-    archs = tuple(argv or sys.argv[1:]) or ("sm_90", "sm_80")
+    archs = tuple(argv or sys.argv[1:]) or DEFAULT_ARCHS
     json.dump(compile_all(archs), sys.stdout, indent=1)
     print()
     return 0

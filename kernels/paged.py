@@ -7,8 +7,10 @@ where a serving engine keeps them:
 
 ``PAGED``
     The paged split format (design §4): pages of 64 chunks, each ``[64 x 128 e4m3 bytes]
-    [64 x 4-byte float32 scales]`` (8448 bytes); request ``b``'s chunk ``n`` lives in page
-    ``page_table[b, n // 64]`` at slot ``n % 64`` and the request has ``n_chunks[b]`` chunks.
+    [64 x 4-byte float32 scales]`` (8448 bytes, one page every ``page_stride`` bytes: a
+    multiple of 16, 8448 when contiguous, an engine's padded stride otherwise); request
+    ``b``'s chunk ``n`` lives in page ``page_table[b, n // 64]`` at slot ``n % 64`` and the
+    request has ``n_chunks[b]`` chunks.
 ``VARLEN``
     Row-format chunks (132 bytes each) packed back to back; request ``b`` owns rows
     ``cu_chunks[b] .. cu_chunks[b + 1] - 1``.
@@ -57,7 +59,6 @@ from ._alloc import alloc_output
 from .score import _ensemble_init, _layer_into_ensemble, _load_key_tile_at, launch_config
 
 _PAGE_CHUNKS = tl.constexpr(C.PAGE_CHUNKS)
-_PAGE_BYTES = tl.constexpr(C.PAGE_BYTES)
 _ROW_WORDS = tl.constexpr(C.CHUNK_BYTES // 4)
 
 # Requests per launch: the per-request vectors live in registers; up to 128 every GPU default
@@ -94,8 +95,8 @@ def _row_table(len_ptr, B, max_chunks, max_pages,
 @triton.jit
 def _score_tile(t, kb_ptr, kf_ptr, layer_off_ptr, table_ptr, q_ptr, w_ptr, scores_ptr,
                 logits_ptr, n_all, start_all, first_all, cum,
-                B_q, row0, H, limit, stride_tb, stride_tp, stride_sb, stride_ll, stride_lb,
-                logit_offset,
+                B_q, row0, H, limit, page_units, stride_tb, stride_tp, stride_sb, stride_ll,
+                stride_lb, logit_offset,
                 L: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr,
                 LAYER_UNIT: tl.constexpr, PAGED: tl.constexpr, PRECISION: tl.constexpr,
@@ -115,10 +116,11 @@ def _score_tile(t, kb_ptr, kf_ptr, layer_off_ptr, table_ptr, q_ptr, w_ptr, score
         valid = (page >= 0) & (page < limit)
         page = tl.where(valid, page, 0)
         within = n - slot * _PAGE_CHUNKS
-        # fp8 block at page * 8448 + within * 128 bytes: written in 16-byte units so the
-        # compiler can prove 16-byte alignment; scales after the 64 * 128 fp8 bytes.
-        key_bytes = (page * (_PAGE_BYTES // 16) + within * (D // 16)) * 16
-        scale_words = page * (_PAGE_BYTES // 4) + within + (_PAGE_CHUNKS * D) // 4
+        # fp8 block at page * page_stride + within * 128 bytes (page_units: the page stride in
+        # 16-byte units, 528 for contiguous pages): written in 16-byte units so the compiler
+        # can prove 16-byte alignment; scales after the 64 * 128 fp8 bytes.
+        key_bytes = (page * page_units + within * (D // 16)) * 16
+        scale_words = page * (page_units * 4) + within + (_PAGE_CHUNKS * D) // 4
     else:
         start = tl.sum(tl.where(sel, start_all, 0), axis=0)
         r = start + n
@@ -186,6 +188,7 @@ def batched_score_kernel(
     len_ptr,  # PAGED: n_chunks [B]; VARLEN: cu_chunks [B + 1]
     q_ptr, w_ptr, scores_ptr, logits_ptr,
     B, B_q, row0, H, max_chunks, limit, max_pages,
+    page_units,  # PAGED: page stride in 16-byte units (528: contiguous 8448-byte pages)
     stride_tb, stride_tp,  # page table strides (elements)
     stride_sb, stride_ll, stride_lb,  # output strides (elements)
     logit_offset,
@@ -206,6 +209,7 @@ def batched_score_kernel(
     stride_lb = tl.cast(stride_lb, tl.int64)
     stride_tb = tl.cast(stride_tb, tl.int64)
     stride_tp = tl.cast(stride_tp, tl.int64)
+    page_units = tl.cast(page_units, tl.int64)
     n_all, start_all, first_all, cum, total = _row_table(len_ptr, B, max_chunks, max_pages,
                                                          BLOCK_B, BLOCK_N, PAGED)
     n_fill = tl.cdiv(max_chunks, FILL_N)
@@ -214,7 +218,8 @@ def batched_score_kernel(
         while t < total:
             _score_tile(t, kb_ptr, kf_ptr, layer_off_ptr, table_ptr, q_ptr, w_ptr, scores_ptr,
                         logits_ptr, n_all, start_all, first_all, cum, B_q, row0, H, limit,
-                        stride_tb, stride_tp, stride_sb, stride_ll, stride_lb, logit_offset,
+                        page_units, stride_tb, stride_tp, stride_sb, stride_ll, stride_lb,
+                        logit_offset,
                         L, D, H_PAD, BLOCK_N, BLOCK_H, BLOCK_B, LAYER_UNIT, PAGED, PRECISION,
                         HW_FP8, SHARED_KEYS, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32)
             t += nprog
@@ -227,7 +232,8 @@ def batched_score_kernel(
         for t in range(pid, total, nprog):
             _score_tile(t, kb_ptr, kf_ptr, layer_off_ptr, table_ptr, q_ptr, w_ptr, scores_ptr,
                         logits_ptr, n_all, start_all, first_all, cum, B_q, row0, H, limit,
-                        stride_tb, stride_tp, stride_sb, stride_ll, stride_lb, logit_offset,
+                        page_units, stride_tb, stride_tp, stride_sb, stride_ll, stride_lb,
+                        logit_offset,
                         L, D, H_PAD, BLOCK_N, BLOCK_H, BLOCK_B, LAYER_UNIT, PAGED, PRECISION,
                         HW_FP8, SHARED_KEYS, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32)
         for f in range(pid, B * n_fill, nprog):
@@ -307,7 +313,7 @@ def batched_score_launch(q: torch.Tensor, w: torch.Tensor, keys: KeyBuffers,
         grid = (_num_programs(device, items),)
         batched_score_kernel[grid](
             kb, kf, offsets, tab, lens, q, w, scores, logits_arg,
-            nb, B, row0, H, max_chunks, keys.limit, max_pages,
+            nb, B, row0, H, max_chunks, keys.limit, max_pages, keys.page_stride // 16,
             stride_tb, stride_tp, max_chunks, B * max_chunks, max_chunks, float(logit_offset),
             L=L, D=D, H_PAD=H_pad, BLOCK_B=max(16, triton.next_power_of_2(nb)), FILL_N=FILL_N,
             LAYER_UNIT=PAGED_LAYER_UNIT if paged else VARLEN_LAYER_UNIT, PAGED=paged,

@@ -470,3 +470,109 @@ def test_deepgemm_paged_inputs(H, next_n, use_2d):
     clean = dg.fp8_paged_mqa_logits(q_in, kv_in, weights, ctx_nextn, block_table, meta,
                                     max_model_len, True)
     assert torch.equal(clean == float("-inf"), neginf)
+
+
+# --- the native API takes engine shapes: [P, 64, 1, 132] pools, page strides, 2-D n_chunks ------
+def _native_batch(gen, L=None):
+    """Three requests (70, 0, 130 chunks) in a shuffled pool, and prepared fp32 queries."""
+    from flashmemory_triton import paged
+    from kernel_cases import make_keys
+    lead = () if L is None else (L,)
+    reqs = [make_keys((*lead, n), gen) for n in (70, 0, 130)]
+    batch = paged.pack_pool(reqs, page_ids=[[4, 1], [], [0, 5, 2]], num_pages=6)
+    return batch
+
+
+def _prep(L, rows, gen, backend):
+    from flashmemory_triton import ops
+    q = torch.randn(L, rows, 16, D, generator=gen)
+    w = torch.randn(L, rows, 16, generator=gen) / 16
+    return ops.prepare_queries(q, w, torch.arange(rows), precision="fp32", backend=backend)
+
+
+def _padded_cache(pool: torch.Tensor, stride: int) -> torch.Tensor:
+    """The same pages as ``pool [..., P, 8448]`` in an engine-shaped ``[..., P, 64, 1, 132]``
+    cache whose pages are ``stride`` bytes apart (padding bytes poisoned with e4m3 NaN)."""
+    *lead, P, _ = pool.shape
+    buf = torch.full((*lead, P, stride), NAN_BYTE, dtype=torch.uint8)
+    buf[..., :C.PAGE_BYTES] = pool
+    L = lead[0] if lead else None
+    size = (*lead, P, 64, 1, C.CHUNK_BYTES)
+    strides = ((P * stride,) if L else ()) + (stride, C.CHUNK_BYTES, C.CHUNK_BYTES, 1)
+    return buf.as_strided(size, strides)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["shared", "stacked"])
+@pytest.mark.parametrize("stride", [C.PAGE_BYTES, C.PAGE_BYTES + 64, C.PAGE_BYTES + 4])
+def test_native_engine_pools(backend, layout, stride):
+    """``score_paged`` reads ``[P, 64, 1, 132]`` (``[L, P, 64, 1, 132]``) caches at any page
+    stride (16-byte multiples in place, others copied) exactly as the ``[P, 8448]`` pool."""
+    from flashmemory_triton import paged
+    gen = torch.Generator().manual_seed(stride + len(layout))
+    L = 2
+    batch = _native_batch(gen, None if layout == "shared" else L)
+    prep = _prep(L, 3, gen, backend)
+    want = paged.score_paged(prep, batch.pool, batch.page_table, batch.n_chunks,
+                             return_logits=True)
+    cache = _padded_cache(batch.pool, stride)
+    assert cache.shape[-3:] == (64, 1, 132) and cache.stride(-4) == stride
+    got = paged.score_paged(prep, cache, batch.page_table, batch.n_chunks, return_logits=True)
+    assert torch.equal(got.scores, want.scores) and torch.equal(got.logits, want.logits)
+    kb = paged.page_pools(cache)
+    assert kb.page_stride == (stride if stride % 16 == 0 else C.PAGE_BYTES)
+    if stride % 16 == 0:  # read in place: the kernel's pointer is the cache's own memory
+        assert kb.base.data_ptr() == cache.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_native_two_d_n_chunks(backend):
+    """``n_chunks [B, next_n]``: ``B * next_n`` query rows, row ``b * next_n + t`` seeing the
+    first ``n_chunks[b, t]`` chunks of request ``b``: the same as the table repeated."""
+    from flashmemory_triton import paged
+    gen = torch.Generator().manual_seed(5)
+    batch = _native_batch(gen)
+    next_n = 2
+    n2 = torch.stack([batch.n_chunks - 3, batch.n_chunks], 1).clamp_min(0)
+    prep = _prep(2, 3 * next_n, gen, backend)
+    got = paged.score_paged(prep, batch.pool.view(-1, 64, 1, 132), batch.page_table, n2,
+                            return_logits=True)
+    want = paged.score_paged(prep, batch.pool, batch.page_table.repeat_interleave(2, 0),
+                             n2.reshape(-1), return_logits=True)
+    assert torch.equal(got.scores, want.scores) and torch.equal(got.logits, want.logits)
+    assert got.n_chunks.tolist() == [67, 70, 0, 0, 127, 130]
+    rows = paged.pool_to_rows(batch.pool, batch.page_table, n2)  # the converters too
+    full = paged.pool_to_rows(batch.pool, batch.page_table, batch.n_chunks)
+    assert rows.shape[0] == 6 and torch.equal(rows[1], full[0]) and torch.equal(rows[5], full[2])
+
+
+def test_native_row_shaped_pool_refused():
+    """The rule: ``[P, 64, 132]`` is the row format's shape and is refused (with the hint)."""
+    from flashmemory_triton import paged
+    batch = _native_batch(torch.Generator().manual_seed(0))
+    prep = _prep(1, 3, torch.Generator().manual_seed(1), "torch")
+    with pytest.raises(ValueError, match="ROW layout"):
+        paged.score_paged(prep, batch.pool.view(-1, 64, 132), batch.page_table, batch.n_chunks)
+
+
+def test_retriever_engine_shapes():
+    """``FlashMemoryRetriever.score_paged`` with per-layer ``[P, 64, 1, 132]`` caches at an
+    engine's page stride and 2-D ``n_chunks``: exactly the call on ``[P, 8448]`` pools with the
+    table repeated per MTP row, on both backends."""
+    from flashmemory_triton import FlashMemoryRetriever
+    from kernel_cases import retriever_states
+    gen = torch.Generator().manual_seed(11)
+    states = retriever_states(gen, 64, 32, 8)
+    batch = _native_batch(gen, L=3)
+    n2 = torch.stack([batch.n_chunks, (batch.n_chunks - 5).clamp_min(0)], 1)
+    h = torch.randn(3, 6, 64, generator=gen)
+    pos = torch.arange(6) * 1000
+    caches = list(_padded_cache(batch.pool, C.PAGE_BYTES + 16).unbind(0))
+    pools = list(batch.pool.unbind(0))
+    table2 = batch.page_table.repeat_interleave(2, 0)
+    for backend in BACKENDS:
+        m = FlashMemoryRetriever(states, backend=backend, precision="fp32")
+        got = m.score_paged(h, caches, batch.page_table, n2, pos, return_logits=True)
+        want = m.score_paged(h, pools, table2, n2.reshape(-1), pos, return_logits=True)
+        assert torch.equal(got.scores, want.scores) and torch.equal(got.logits, want.logits)
+        assert got.n_chunks.tolist() == n2.reshape(-1).tolist()
