@@ -90,8 +90,10 @@ def _check_weights(weights, rows: int, H: int, contiguous: bool) -> torch.Tensor
 
 
 def _check_backend(backend: str, device: torch.device) -> str:
+    """``"triton"`` where the kernel runs (CUDA, or the interpreter), else the torch path
+    (which is also what the package's CPU backend means here)."""
     from .ops import resolve_backend
-    return resolve_backend(backend, device)
+    return "triton" if resolve_backend(backend, device) == "triton" else "torch"
 
 
 # --- non-paged ---------------------------------------------------------------------------------
