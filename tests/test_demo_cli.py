@@ -66,6 +66,17 @@ def test_help_does_not_import_torch():
     assert "demo" in proc.stdout and "decode" in proc.stdout and "bench" in proc.stdout
 
 
+def test_package_exports_resolve():
+    """The package imports its public names lazily (for the fast --help above); every name in
+    ``__all__`` must still resolve, and nothing public may be missing from ``__all__``."""
+    import flashmemory_triton as fm
+    assert sorted(fm.__all__) == sorted([*fm._EXPORTS, *fm._SUBMODULES])
+    for name in fm.__all__:
+        assert getattr(fm, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        fm.nope  # noqa: B018
+
+
 def test_demo_subprocess_end_to_end(small_ckpt, tmp_path):
     B, N, K, seed = 3, 300, 20, 4
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
