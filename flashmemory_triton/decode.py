@@ -344,19 +344,26 @@ def decode(cfg: DecodeConfig, log=print) -> DecodeResult:
                "avg_keep": (sum(c["keep"] for c in cycles) / len(cycles)) if cycles else 0.0,
                "full_kv_bytes": full_bytes,
                "selected_kv_bytes": mean_selected * C.ATTN_KV_BYTES,
-               "gpu_kv_bytes": memory.device_bytes(),
+               "device_kv_bytes": memory.device_bytes(),
                "bytes_moved": sum(c["bytes_moved"] for c in cycles),
                "pages_moved": sum(c["pages_moved"] for c in cycles),
                "seconds": elapsed}
-    summary["saving"] = 1.0 - summary["gpu_kv_bytes"] / full_bytes if full_bytes else 0.0
-    _log_summary(cfg, summary, log)
+    summary["saving"] = 1.0 - summary["device_kv_bytes"] / full_bytes if full_bytes else 0.0
+    _log_summary(cfg, device, summary, log)
     return DecodeResult(tokens=torch.stack(tokens, dim=1) if tokens else torch.zeros(B, 0, dtype=torch.int64),
                         logits=torch.stack(logits_out, dim=1) if logits_out
                         else torch.zeros(B, 0, cfg.vocab),
                         cycles=cycles, summary=summary)
 
 
-def _log_summary(cfg: DecodeConfig, s: dict, log) -> None:
+def _kv_label(device: torch.device, what: str = "") -> str:
+    """What holds the KV: "GPU-side" only on a GPU; a CPU run has no GPU memory to save."""
+    if device.type == "cuda":
+        return f"GPU-side KV{f' ({what})' if what else ''}"
+    return f"device-side KV ({f'{what}; ' if what else ''}device {device}, no GPU)"
+
+
+def _log_summary(cfg: DecodeConfig, device: torch.device, s: dict, log) -> None:
     full = s["full_kv_bytes"]
     log(f"summary: {s['tokens']} tokens ({cfg.batch} x {cfg.steps}) in {s['seconds']:.2f} s, "
         f"{s['cycles']} cycles, select={cfg.select}, average keep {s['avg_keep']:.2%}")
@@ -364,11 +371,11 @@ def _log_summary(cfg: DecodeConfig, s: dict, log) -> None:
     log(f"  KV full cache {_fmt_bytes(full)} ({C.ATTN_KV_BYTES} B/chunk); resident set on "
         f"average {_fmt_bytes(s['selected_kv_bytes'])} ({frac:.2%} of history)")
     if cfg.offload:
-        log(f"  GPU-side KV (reserve) {_fmt_bytes(s['gpu_kv_bytes'])} = "
-            f"{s['gpu_kv_bytes'] / full if full else 0:.2%} of full, saving {s['saving']:.2%}; "
+        log(f"  {_kv_label(device, 'reserve')} {_fmt_bytes(s['device_kv_bytes'])} = "
+            f"{s['device_kv_bytes'] / full if full else 0:.2%} of full, saving {s['saving']:.2%}; "
             f"moved {s['pages_moved']} pages, {_fmt_bytes(s['bytes_moved'])} host->device")
     else:
-        log(f"  GPU-side KV {_fmt_bytes(s['gpu_kv_bytes'])} (no --offload: the full cache stays "
+        log(f"  {_kv_label(device)} {_fmt_bytes(s['device_kv_bytes'])} (no --offload: the full cache stays "
             f"on the device; --offload would keep about {frac:.2%})")
 
 

@@ -89,6 +89,8 @@ def test_demo_subprocess_end_to_end(small_ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "[demo] layers: l10, l12, l20" in out
+    # a real checkpoint: the inputs are still random, and the demo says so (weights not synthetic)
+    assert "NOTE: the inputs are RANDOM" in out and "SYNTHETIC" not in out
     assert (f"n_heads={SMALL['n_heads']} head_dim={C.HEAD_DIM} hidden={SMALL['hidden']} "
             f"q_lora_rank={SMALL['rank']}") in out
     assert f"max_position={C.MAX_POSITION_RELEASE}" in out
@@ -139,6 +141,9 @@ def test_demo_default_checkpoint_generated_once(isolated, monkeypatch, capsys):
     assert rc == 0, err
     assert "generating the synthetic default checkpoint" in err
     assert "(synthetic default)" in out
+    # the default run says plainly that its scores mean nothing about a real model
+    assert "NOTE: the weights are SYNTHETIC" in out and "inputs are RANDOM" in out
+    assert "mean nothing about a real model" in out
     rc, out, err = demo(capsys, *FAST)
     assert rc == 0 and "generating" not in err
 
