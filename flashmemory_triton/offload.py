@@ -25,7 +25,9 @@ changes. A page that gained chunks since it was copied (the growing last page) i
 copied again (counted as a miss). If the copy or the bookkeeping after it fails (any exception,
 KeyboardInterrupt included), the cells the cycle was writing or evicting are emptied and their
 chunks dropped from the lookup table before the error propagates, so the engine never maps
-corrupt bytes and the same ``apply`` can simply be retried.
+corrupt bytes and the same ``apply`` can simply be retried (it then maps the same chunks to the
+same bytes as an engine that never failed; only the cell placement may differ).
+:meth:`OffloadEngine.append` is all or nothing: validated and staged first, committed last.
 
 On a CPU device the same code runs with no pinning and no streams (the copy is synchronous).
 Planning reads the resident mask on the host: the engine runs at cycle boundaries, outside
@@ -96,28 +98,50 @@ class ChunkHistory:
     def n_max(self) -> int:
         return int(self.lengths.max()) if self.batch else 0
 
+    def capacity_for(self, n: int) -> int:
+        """The capacity after making room for ``n`` chunks per row (doubling, page aligned)."""
+        return self.capacity if n <= self.capacity else self._round(max(n, 2 * self.capacity))
+
     def ensure_capacity(self, n: int) -> None:
         """Make room for ``n`` chunks per row (doubling, page aligned)."""
-        if n <= self.capacity:
-            return
-        new = self._alloc(self._round(max(n, 2 * self.capacity)))
+        self.data = self._grown(n)
+
+    def _grown(self, n: int) -> torch.Tensor:
+        """``data`` itself if it holds ``n`` chunks a row, else a larger copy (``data`` kept)."""
+        cap = self.capacity_for(n)
+        if cap == self.capacity:
+            return self.data
+        new = self._alloc(cap)
         new[:, :self.capacity] = self.data
-        self.data = new
+        return new
 
     def append(self, rows: torch.Tensor, counts=None) -> None:
-        """Append uint8 ``rows [B, n, row_bytes]``; row b takes its first ``counts[b]`` (default n)."""
+        """Append uint8 ``rows [B, n, row_bytes]``; row b takes its first ``counts[b]`` (default n).
+
+        All or nothing: the arguments are checked and the rows brought to the host first; if
+        anything fails (including the copy itself) the history is exactly as before."""
         V.tensor("rows", rows, dtype=torch.uint8, ndim=3)
+        _has_data("rows", rows)
         if rows.shape[0] != self.batch or rows.shape[2] != self.row_bytes:
             raise ValueError(f"rows must be [{self.batch}, n, {self.row_bytes}], got {V.describe(rows)}")
         n = rows.shape[1]
         counts = self._counts(counts, n)
         end = self.lengths + counts
-        self.ensure_capacity(int(end.max()) if self.batch else 0)
-        rows = rows.to(self.device)
-        for b in range(self.batch):  # host bookkeeping: one slice copy per row
-            c, start = int(counts[b]), int(self.lengths[b])
-            if c:
-                self.data[b, start:start + c] = rows[b, :c]
+        rows = rows.to(self.device)  # may fail (OOM, a device error): nothing changed yet
+        data = self._grown(int(end.max()) if self.batch else 0)
+        written = []
+        try:
+            for b in range(self.batch):  # host bookkeeping: one slice copy per row
+                c, start = int(counts[b]), int(self.lengths[b])
+                if c:
+                    written.append((b, start, start + c))
+                    data[b, start:start + c] = rows[b, :c]
+        except BaseException:
+            if data is self.data:  # rows past a row's length stay zero
+                for b, lo, hi in written:
+                    data[b, lo:hi] = 0
+            raise
+        self.data = data
         self.lengths = end
 
     def _counts(self, counts, n: int) -> torch.Tensor:
@@ -263,16 +287,23 @@ class OffloadEngine:
                 or tuple(payload.shape[2:]) != self.row_shape:
             raise ValueError(f"payload must be [{self.batch}, n, {', '.join(map(str, self.row_shape))}] "
                              f"{self.dtype}, got {V.describe(payload)}")
+        _has_data("payload", payload)
+        rows = _bytes_view(payload, 2)
+        # Everything that can fail comes before the history changes: the counts check, the
+        # grown page table and lookup table (allocated, not yet installed), then the history's
+        # own all-or-nothing append; the tables are installed only after it succeeded.
+        n = self.history._counts(counts, rows.shape[1])
         old_cap = self.history.capacity
-        self.history.append(_bytes_view(payload, 2), counts)
-        if self.history.capacity != old_cap:  # grow the per-page and per-chunk tables with it
-            table = self._page_table(self.history.capacity)
+        new_cap = self.history.capacity_for(int((self.history.lengths + n).max()))
+        table = lookup = None
+        if new_cap != old_cap:  # grow the per-page and per-chunk tables with the history
+            table = self._page_table(new_cap)
             table[:, :self.page_cell.shape[1]] = self.page_cell
-            self.page_cell = table
-            lookup = torch.full((self.batch, self.history.capacity), -1, dtype=torch.int64,
-                                device=self.device)
+            lookup = torch.full((self.batch, new_cap), -1, dtype=torch.int64, device=self.device)
             lookup[:, :old_cap] = self._lookup
-            self._lookup = lookup
+        self.history.append(rows, n)
+        if table is not None:
+            self.page_cell, self._lookup = table, lookup
 
     # --- planning (pure) ----------------------------------------------------------------------
     def _resident_mask(self, resident) -> torch.Tensor:
@@ -311,7 +342,10 @@ class OffloadEngine:
         real_count = (lengths[:, None] - p[None, :] * ps).clamp(0, ps)  # [B, P]
         cell = self.page_cell[:, :P]
         present = cell >= 0
-        fresh = present & (self.cell_valid[cell.clamp(min=0)] >= real_count)
+        # Bytes valid in each page's cell (0 where none; index n_cells reads the appended 0, so
+        # this works with reserve_pages=0 too).
+        valid = torch.cat([self.cell_valid, self.cell_valid.new_zeros(1)])
+        fresh = present & (valid[torch.where(present, cell, self.n_cells)] >= real_count)
         hits = need & fresh
         load = need & ~fresh
         stale = load & present  # re-copied into their own cell

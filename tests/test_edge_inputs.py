@@ -244,3 +244,14 @@ def test_odd_offset_keys_on_torch_backend_and_torch_fast(shape, device):
     model = _model(device, "torch")
     hidden = torch.randn(shape[0], HIDDEN, generator=g).to(device)
     assert torch.equal(model.logits(hidden, odd, pos), model.logits(hidden, keys, pos))
+
+
+def test_decode_with_zero_page_budget_and_offload_runs_cleanly(monkeypatch, capsys):
+    """``--max-pages 0 --offload``: a zero-cell reserve and empty resident sets, exit 0."""
+    from flashmemory_triton import cli
+    monkeypatch.setattr(cli, "SUBCOMMANDS", {"decode": cli.SUBCOMMANDS["decode"]})
+    rc = cli.main(["decode", "--offload", "--max-pages", "0", "--n-chunks", "100", "--steps",
+                   "8", "--interval", "4", "--page-size", "16", "--recent", "16"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "Traceback" not in err and "summary: 8 tokens" in out

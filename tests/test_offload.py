@@ -287,3 +287,123 @@ def test_bad_construction():
         OffloadEngine(1, (0,), reserve_pages=1)
     with pytest.raises(TypeError, match="dtype"):
         OffloadEngine(1, (8,), "uint8", reserve_pages=1)
+
+
+# --- all or nothing (issue 14): a refused or failed call leaves the engine as it was -------------
+def _state(eng):
+    """Everything an engine holds, cloned (host bookkeeping, device reserve and lookup)."""
+    return dict(data=eng.history.data.clone(), lengths=eng.history.lengths.clone(),
+                page_cell=eng.page_cell.clone(), lookup=eng._lookup.clone(),
+                reserve=eng.reserve.clone(), cell_row=eng.cell_row.clone(),
+                cell_page=eng.cell_page.clone(), cell_valid=eng.cell_valid.clone(),
+                cell_loaded=eng.cell_loaded.clone(), cell_used=eng.cell_used.clone(),
+                cycle=eng.cycle, totals=dict(eng.totals))
+
+
+def assert_same_state(eng, before):
+    after = _state(eng)
+    for k, v in before.items():
+        same = torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k]
+        assert same, f"engine state {k!r} changed"
+
+
+def _engine_16(device, capacity=0):
+    eng = OffloadEngine(2, (8,), reserve_pages=4, page_size=4, device=device, capacity=capacity)
+    eng.append(_payload(2, 16, W=8))
+    eng.apply(torch.tensor([[True] * 4 + [False] * 12, [False] * 12 + [True] * 4], device=device))
+    return eng
+
+
+def test_refused_meta_append_changes_nothing_and_later_calls_work(device):
+    eng = _engine_16(device)
+    before = _state(eng)
+    with pytest.raises(ValueError, match="payload is on the meta device"):
+        eng.append(torch.zeros(2, 20, 8, dtype=torch.uint8, device="meta"))
+    with pytest.raises(ValueError, match="rows is on the meta device"):
+        eng.history.append(torch.zeros(2, 20, 8, dtype=torch.uint8, device="meta"))
+    assert_same_state(eng, before)
+    truth = _grow(list(_payload(2, 16, W=8)), list(_payload(2, 20, W=8, seed=1)))
+    eng.append(_payload(2, 20, W=8, seed=1))  # grows 16 -> 36 chunks, tables with it
+    mask = torch.zeros(2, 36, dtype=torch.bool)
+    mask[:, 30:] = True
+    eng.apply(mask.to(device))
+    _check_cycle(eng, truth, mask)
+
+
+def test_failed_history_copy_changes_nothing(device, monkeypatch):
+    """The copy into the history fails midway (after a growth and after a first row): the
+    engine, its history bytes and its tables are exactly as before, and it keeps working."""
+    for grow in (False, True):
+        # No growth: room for the append, so the copy writes into the live buffer.
+        eng = _engine_16(device, capacity=16 if grow else 64)
+        eng2 = _engine_16(device)
+        before = _state(eng)
+        calls = {"n": 0}
+        real = torch.Tensor.__setitem__
+
+        def flaky(self, key, value):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second row's copy
+                raise RuntimeError("simulated copy failure")
+            return real(self, key, value)
+
+        n = 60 if grow else 8
+        monkeypatch.setattr(torch.Tensor, "__setitem__", flaky)
+        with pytest.raises(RuntimeError, match="simulated"):
+            eng.append(_payload(2, n, W=8, seed=2))
+        monkeypatch.undo()
+        assert_same_state(eng, before)
+        eng.check_consistency()
+        eng.append(_payload(2, n, W=8, seed=2))
+        eng2.append(_payload(2, n, W=8, seed=2))
+        assert torch.equal(eng.history.data[:, :16 + n], eng2.history.data[:, :16 + n])
+        mask = torch.ones(2, 16 + n, dtype=torch.bool)
+        mask[:, :16 + n - 8] = False
+        eng.apply(mask.to(device))
+        truth = _grow(list(_payload(2, 16, W=8)), list(_payload(2, n, W=8, seed=2)))
+        _check_cycle(eng, truth, mask)
+
+
+def test_zero_reserve_engine_applies_an_empty_set(device):
+    eng = OffloadEngine.from_history(_payload(2, 10, W=8), reserve_pages=0, page_size=4,
+                                     device=device)
+    stats = eng.apply(torch.zeros(2, 10, dtype=torch.bool, device=device))
+    assert stats.pages_needed == 0 and stats.chunks_resident == 0
+    assert not bool((eng.lookup >= 0).any())
+    before = _state(eng)
+    with pytest.raises(ValueError, match="reserve_pages=0"):
+        eng.apply(torch.ones(2, 10, dtype=torch.bool, device=device))
+    assert_same_state(eng, before)
+    eng.check_consistency()
+
+
+def test_retry_after_failed_apply_reads_as_a_never_failed_engine(device, monkeypatch):
+    """docs/validation.md: after a failed ``apply`` the retry maps the same chunks to the same
+    bytes as an engine that never failed; only which cell holds which page may differ."""
+    truth = list(_payload(2, 24, W=8, seed=5))
+    sets = [torch.zeros(2, 24, dtype=torch.bool) for _ in range(3)]
+    sets[0][:, :8] = True
+    sets[1][0, 4:16] = True
+    sets[1][1, 20:] = True
+    sets[2][:, 12:20] = True
+    engines = [OffloadEngine.from_history(torch.stack(truth), reserve_pages=6, page_size=4,
+                                          device=device) for _ in range(2)]
+    failing, clean = engines
+    for i, m in enumerate(sets):
+        m = m.to(device)
+        clean.apply(m)
+        if i == 1:
+            def half_done(plan):
+                failing.reserve[plan.load_cell] = 0xAB
+                raise RuntimeError("simulated copy failure")
+            monkeypatch.setattr(failing, "_copy_pages", half_done)
+            with pytest.raises(RuntimeError, match="simulated"):
+                failing.apply(m)
+            monkeypatch.undo()
+            failing.check_consistency()
+        failing.apply(m)
+        idx = torch.arange(24).expand(2, 24).contiguous().to(device)
+        rows_f, present_f = failing.read(idx)
+        rows_c, present_c = clean.read(idx)
+        assert torch.equal(present_f, present_c) and torch.equal(rows_f, rows_c), i
+        _check_cycle(failing, truth, m)
