@@ -160,9 +160,34 @@ def _check_scoring(prepared, ensemble, logit_offset):
     return V.real_number("logit_offset", logit_offset)
 
 
-def _check_layers(n_layers: int | None, L: int, what: str) -> None:
-    if n_layers is not None and n_layers != L:
-        raise ValueError(f"per-layer {what} hold {n_layers} layers but the queries have L={L}")
+def check_paged(pools, page_table, n_chunks, max_chunks, L: int, B: int, device,
+                queries: str = "the queries"):
+    """Every check of a paged batch against queries of ``L`` layers and ``B`` rows on
+    ``device`` (``queries`` names them in messages), before anything launches. Returns
+    ``(held KeyBuffers or None, pages every buffer holds, output width M, lengths n64)``."""
+    bufs, limit = _key_source(pools, True, L, device, queries)
+    Bt, width = _check_table(page_table, n_chunks, device)
+    if Bt != B:
+        raise ValueError(f"page_table has {Bt} requests but {queries} have B={B}")
+    M = _resolve_max_chunks(max_chunks, width * C.PAGE_CHUNKS, "64 * page_table.shape[1]")
+    _check_paged_values(page_table, n_chunks, limit, M)
+    # The lengths the kernel uses (clamped as it clamps them), a fresh tensor: never an alias
+    # of the caller's n_chunks.
+    n64 = n_chunks.to(torch.int64).clamp(0, min(M, page_table.shape[1] * C.PAGE_CHUNKS))
+    return bufs, limit, M, n64
+
+
+def check_varlen(keys, cu_chunks, max_chunks, L: int, B: int, device,
+                 queries: str = "the queries"):
+    """Every check of a varlen batch (as :func:`check_paged`). Returns ``(held KeyBuffers or
+    None, rows every buffer holds, output width M, lengths n64)``."""
+    bufs, rows_avail = _key_source(keys, False, L, device, queries)
+    Bc = _check_cu(cu_chunks, device)
+    if Bc != B:
+        raise ValueError(f"cu_chunks describes {Bc} requests (shape {tuple(cu_chunks.shape)}) "
+                         f"but {queries} have B={B}")
+    _, n64, M = _varlen_lengths(cu_chunks, rows_avail, max_chunks)
+    return bufs, rows_avail, M, n64
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -186,17 +211,16 @@ def score_paged(prepared, pools, page_table: torch.Tensor, n_chunks: torch.Tenso
     pools = engine_pages(pools)
     page_table, n_chunks = expand_next_n(page_table, n_chunks)
     logit_offset = _check_scoring(prepared, ensemble, logit_offset)
-    B = prepared.q.shape[1]
-    device = prepared.q.device
-    bufs, limit = _key_source(pools, True, prepared)
-    Bt, width = _check_table(page_table, n_chunks, device)
-    if Bt != B:
-        raise ValueError(f"page_table has {Bt} requests but the queries have B={B}")
-    M = _resolve_max_chunks(max_chunks, width * C.PAGE_CHUNKS, "64 * page_table.shape[1]")
-    _check_paged_values(page_table, n_chunks, limit, M)
-    # The lengths the kernel uses (clamped as it clamps them), a fresh tensor: never an alias
-    # of the caller's n_chunks.
-    n64 = n_chunks.to(torch.int64).clamp(0, min(M, page_table.shape[1] * C.PAGE_CHUNKS))
+    L, B = prepared.q.shape[:2]
+    checked = check_paged(pools, page_table, n_chunks, max_chunks, L, B, prepared.q.device)
+    return _score_paged(prepared, pools, page_table, n_chunks, checked, ensemble, logit_offset,
+                        return_logits)
+
+
+def _score_paged(prepared, pools, page_table, n_chunks, checked, ensemble, logit_offset,
+                 return_logits) -> BatchScores:
+    """:func:`score_paged` on arguments :func:`check_paged` accepted (``checked``)."""
+    bufs, _, M, n64 = checked
     if prepared.backend != "triton":  # torch (reference) or cpu
         rows = pool_to_rows(_unwrap(pools), page_table, n_chunks, M)
         return _score_rows_torch(prepared, rows, n64, M, ensemble, logit_offset, return_logits)
@@ -219,13 +243,16 @@ def score_varlen(prepared, keys, cu_chunks: torch.Tensor, *, max_chunks: int | N
     values on the host (a sync).
     """
     logit_offset = _check_scoring(prepared, ensemble, logit_offset)
-    B = prepared.q.shape[1]
-    bufs, rows_avail = _key_source(keys, False, prepared)
-    Bc = _check_cu(cu_chunks, prepared.q.device)
-    if Bc != B:
-        raise ValueError(f"cu_chunks describes {Bc} requests (shape {tuple(cu_chunks.shape)}) "
-                         f"but the queries have B={B}")
-    _, n64, M = _varlen_lengths(cu_chunks, rows_avail, max_chunks)
+    L, B = prepared.q.shape[:2]
+    checked = check_varlen(keys, cu_chunks, max_chunks, L, B, prepared.q.device)
+    return _score_varlen(prepared, keys, cu_chunks, checked, ensemble, logit_offset,
+                         return_logits)
+
+
+def _score_varlen(prepared, keys, cu_chunks, checked, ensemble, logit_offset,
+                  return_logits) -> BatchScores:
+    """:func:`score_varlen` on arguments :func:`check_varlen` accepted (``checked``)."""
+    bufs, _, M, n64 = checked
     if prepared.backend != "triton":  # torch (reference) or cpu
         rows = varlen_to_rows(_unwrap(keys), cu_chunks, M)
         return _score_rows_torch(prepared, rows, n64, M, ensemble, logit_offset, return_logits)
@@ -235,13 +262,13 @@ def score_varlen(prepared, keys, cu_chunks: torch.Tensor, *, max_chunks: int | N
     return BatchScores(scores, logits, n64.clamp(0, M))
 
 
-def _key_source(keys, paged: bool, prepared) -> tuple[KeyBuffers | None, int]:
+def _key_source(keys, paged: bool, L: int, device,
+                queries: str = "the queries") -> tuple[KeyBuffers | None, int]:
     """Check a key argument of the batched ops against the queries: the right kind of
     KeyBuffers, the queries' device, one buffer or ``L`` per-layer ones (held as a KeyBuffers
     under graph capture). Returns ``(keys if already a KeyBuffers else None, limit)``, where
     ``limit`` is the smallest buffer's pages (paged) or rows (varlen)."""
     what, builder = ("pools", "page_pools") if paged else ("keys", "varlen_buffers")
-    L, device = prepared.q.shape[0], prepared.q.device
     if isinstance(keys, KeyBuffers):
         if keys.paged != paged:
             other = "varlen_buffers" if paged else "page_pools"
@@ -255,8 +282,10 @@ def _key_source(keys, paged: bool, prepared) -> tuple[KeyBuffers | None, int]:
         n_layers = len(found) if per_layer else None
         limit = min(b.shape[0] for b in found)
     if dev != device:
-        raise ValueError(f"{what} are on {dev} but the queries are on {device}")
-    _check_layers(n_layers, L, what)
+        raise ValueError(f"{what} are on {dev} but {queries} are on {device}; move the "
+                         f"{what} with .to({str(device)!r})")
+    if n_layers is not None and n_layers != L:
+        raise ValueError(f"per-layer {what} hold {n_layers} layers but {queries} have L={L}")
     if bufs is None:
         _require_held_buffers(n_layers, device, what, f"paged.{builder}")
     return bufs, limit
@@ -285,26 +314,26 @@ def _score_rows_torch(prepared, rows, n64, M, ensemble, logit_offset, return_log
 
 
 # --- retriever path -----------------------------------------------------------------------------
-def score_hidden_paged(retriever, hidden, pools, page_table, n_chunks, positions, *,
-                       ensemble="max", return_logits=False, max_chunks=None) -> BatchScores:
-    """The retriever's paged path: batched projections, query kernel, batched scorer."""
-    from . import ops
-    q, w = ops.project_queries(retriever, hidden)
-    prepared = ops.prepare_queries(q, w, positions, max_position=retriever.max_position,
-                                   precision=retriever.precision, backend="triton",
-                                   rope_freqs=retriever.rope_freqs)
-    return score_paged(prepared, pools, page_table, n_chunks, max_chunks=max_chunks,
-                       ensemble=ensemble, logit_offset=retriever.logit_offset,
-                       return_logits=return_logits)
+def score_hidden_paged(retriever, hidden, pools, page_table, n_chunks, positions, checked, *,
+                       ensemble="max", return_logits=False) -> BatchScores:
+    """The retriever's paged path on arguments :func:`check_paged` accepted: batched
+    projections, query kernel, batched scorer."""
+    prepared = _prepare_hidden(retriever, hidden, positions)
+    return _score_paged(prepared, pools, page_table, n_chunks, checked, ensemble,
+                        retriever.logit_offset, return_logits)
 
 
-def score_hidden_varlen(retriever, hidden, keys, cu_chunks, positions, *, ensemble="max",
-                        return_logits=False, max_chunks=None) -> BatchScores:
-    """The retriever's varlen path: batched projections, query kernel, batched scorer."""
+def score_hidden_varlen(retriever, hidden, keys, cu_chunks, positions, checked, *,
+                        ensemble="max", return_logits=False) -> BatchScores:
+    """The retriever's varlen path on arguments :func:`check_varlen` accepted."""
+    prepared = _prepare_hidden(retriever, hidden, positions)
+    return _score_varlen(prepared, keys, cu_chunks, checked, ensemble, retriever.logit_offset,
+                         return_logits)
+
+
+def _prepare_hidden(retriever, hidden, positions):
     from . import ops
     q, w = ops.project_queries(retriever, hidden)
-    prepared = ops.prepare_queries(q, w, positions, max_position=retriever.max_position,
-                                   precision=retriever.precision, backend="triton",
-                                   rope_freqs=retriever.rope_freqs)
-    return score_varlen(prepared, keys, cu_chunks, max_chunks=max_chunks, ensemble=ensemble,
-                        logit_offset=retriever.logit_offset, return_logits=return_logits)
+    return ops.prepare_queries(q, w, positions, max_position=retriever.max_position,
+                               precision=retriever.precision, backend="triton",
+                               rope_freqs=retriever.rope_freqs)

@@ -205,7 +205,8 @@ def project_query(hidden: torch.Tensor, wq_a: torch.Tensor, q_norm_weight: torch
     """Steps 1-4 and 7: ``q [B, H, D]`` before rounding/RoPE and head weights ``w [B, H]``."""
     x = hidden.to(dtype)
     q_lora = rms_norm(x @ wq_a.to(dtype).T, q_norm_weight.to(dtype))
-    q = (q_lora @ wq_b.to(dtype).T).view(x.shape[0], -1, head_dim)
+    # Heads from the weights, not -1: a batch of 0 rows must still give [0, H, D].
+    q = (q_lora @ wq_b.to(dtype).T).view(x.shape[0], wq_b.shape[0] // head_dim, head_dim)
     n_heads = q.shape[1]
     w = (x @ weights_proj.to(dtype).T) * C.weight_scale(n_heads, head_dim)
     return q, w

@@ -375,15 +375,17 @@ class FlashMemoryRetriever(nn.Module):
         V.choice("mode", mode, ENSEMBLE_MODES)
         pools = P.engine_pages(pools)
         page_table, n_chunks = P.expand_next_n(page_table, n_chunks)  # MTP rows
-        if self.resolved_backend() == "triton":
-            self._check_hidden(hidden, positions, page_table.shape[0]
-                               if isinstance(page_table, torch.Tensor) else None)
+        backend = self.resolved_backend()
+        # Every argument is checked before anything launches (the query kernel included).
+        self._check_hidden(hidden, positions)
+        checked = P.check_paged(pools, page_table, n_chunks, max_chunks, self.n_layers,
+                                hidden.shape[-2], self.device, queries="the hidden states")
+        if backend == "triton":
             return P.score_hidden_paged(self, hidden, pools, page_table, n_chunks, positions,
-                                        ensemble=mode, return_logits=return_logits,
-                                        max_chunks=max_chunks)
-        rows = P.pool_to_rows(pools, page_table, n_chunks, max_chunks)
-        return self._score_rows_batch(hidden, rows, positions,
-                                      n_chunks.to(torch.int64).clone(), mode, return_logits)
+                                        checked, ensemble=mode, return_logits=return_logits)
+        _, _, M, n64 = checked
+        rows = P.pool_to_rows(pools, page_table, n_chunks, M)
+        return self._score_rows_batch(hidden, rows, positions, n64, mode, return_logits)
 
     def score_varlen(self, hidden, keys, cu_chunks, positions, *, mode: str = "max",
                      return_logits: bool = False, max_chunks: int | None = None):
@@ -396,15 +398,16 @@ class FlashMemoryRetriever(nn.Module):
         """
         from . import paged as P
         V.choice("mode", mode, ENSEMBLE_MODES)
-        if self.resolved_backend() == "triton":
-            self._check_hidden(hidden, positions, cu_chunks.shape[0] - 1
-                               if isinstance(cu_chunks, torch.Tensor) else None)
-            return P.score_hidden_varlen(self, hidden, keys, cu_chunks, positions, ensemble=mode,
-                                         return_logits=return_logits, max_chunks=max_chunks)
-        rows = P.varlen_to_rows(keys, cu_chunks, max_chunks)
-        cu = cu_chunks.to(torch.int64)
-        return self._score_rows_batch(hidden, rows, positions, cu[1:] - cu[:-1], mode,
-                                      return_logits)
+        backend = self.resolved_backend()
+        self._check_hidden(hidden, positions)
+        checked = P.check_varlen(keys, cu_chunks, max_chunks, self.n_layers, hidden.shape[-2],
+                                 self.device, queries="the hidden states")
+        if backend == "triton":
+            return P.score_hidden_varlen(self, hidden, keys, cu_chunks, positions, checked,
+                                         ensemble=mode, return_logits=return_logits)
+        _, _, M, n64 = checked
+        rows = P.varlen_to_rows(keys, cu_chunks, M)
+        return self._score_rows_batch(hidden, rows, positions, n64, mode, return_logits)
 
     def _check_hidden_dims(self, hidden):
         """``hidden``'s last dim is the weights' hidden size; per-layer hidden has L rows."""
@@ -416,13 +419,10 @@ class FlashMemoryRetriever(nn.Module):
                              f"{self.hidden_size}] (layers {self.layer_names}), got "
                              f"{V.describe(hidden)}")
 
-    def _check_hidden(self, hidden, positions, batch):
-        """The hidden/positions half of :meth:`_check_inputs` (keys are checked by the op)."""
+    def _check_hidden(self, hidden, positions):
+        """The hidden/positions half of :meth:`_check_inputs` (keys are checked apart)."""
         V.tensor("hidden", hidden, floating=True, ndims=(2, 3))
         self._check_hidden_dims(hidden)
-        if batch is not None and hidden.shape[-2] != batch:
-            raise ValueError(f"hidden batch {hidden.shape[-2]} does not match the key batch's "
-                             f"{batch} requests (hidden {V.describe(hidden)})")
         V.tensor("positions", positions, integer=True, ndim=1)
         V.same_device(self.device, hidden=hidden, positions=positions)
         V.positions("positions", positions, hidden.shape[-2])

@@ -449,7 +449,7 @@ def test_retriever_paged_and_varlen_api(device):
     res = select_resident(got, mode="page", recent=2, max_pages=1)
     assert res.n_real.tolist() == lengths
     assert res.engine_pages(table)[:, 0].tolist()[1] == -1
-    with pytest.raises(ValueError, match="hidden batch"):
+    with pytest.raises(ValueError, match="hidden states have B=2"):
         mt.score_paged(h[:, :2], pools, table, n_chunks, pos[:2])
 
 

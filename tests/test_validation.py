@@ -516,3 +516,126 @@ def test_strided_scores_and_lengths_select_the_same(device):
         a = select_resident(scores, mode=mode, n_chunks=n, recent=5, **kw)
         b = select_resident(scores_t, mode=mode, n_chunks=n_s, recent=5, **kw)
         assert torch.equal(a.mask, b.mask), mode
+
+
+# --- serving batches: every bad argument refused before ANY launch (issue 14) ------------------------
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts every kernel launch (query kernel, fused scorer, batched scorer); the calls
+    still run, so a test can assert the count of a refused call is 0."""
+    from flashmemory_triton.kernels import paged as kpaged, query_prep, score
+    count = {"n": 0}
+
+    def counting(fn):
+        def wrapper(*args, **kwargs):
+            count["n"] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(query_prep, "prepare_query_launch", counting(query_prep.prepare_query_launch))
+    monkeypatch.setattr(score, "fused_score_launch", counting(score.fused_score_launch))
+    monkeypatch.setattr(kpaged, "batched_score_launch", counting(kpaged.batched_score_launch))
+    return count
+
+
+def _serving_batch(device):
+    from flashmemory_triton import paged as P
+    g = torch.Generator().manual_seed(9)
+    reqs = [make_keys((3, n), g) for n in (70, 5)]
+    pb = P.pack_pool(reqs)
+    vb = P.pack_varlen(reqs)
+    hidden, _, _ = inputs(device, 2, 1)
+    return dict(hidden=hidden, pools=[p.to(device) for p in pb.pool.unbind(0)],
+                table=pb.page_table.to(device), n=pb.n_chunks.to(device),
+                keys=[k.to(device) for k in vb.keys.unbind(0)], cu=vb.cu_chunks.to(device),
+                pos=torch.tensor([3, 9], device=device))
+
+
+PAGED_BAD = [
+    # (id, mutate(batch) -> (pools, table, n, kwargs), exception, message regex)
+    ("pools-row-shape", lambda b: (b["pools"][0].view(-1, 64, 132), b["table"], b["n"], {}),
+     ValueError, r"pools must be split-format.*ROW layout"),
+    ("pools-int8", lambda b: ([p.view(torch.int8) for p in b["pools"]], b["table"], b["n"], {}),
+     TypeError, r"pools\[0\].*uint8"),
+    ("pools-list-length", lambda b: (b["pools"][:2], b["table"], b["n"], {}), ValueError,
+     "per-layer pools hold 2 layers"),
+    ("pools-meta", lambda b: ([p.to("meta") for p in b["pools"]], b["table"], b["n"], {}),
+     ValueError, r"pools are on meta .*move the pools"),
+    ("page-id-range", lambda b: (b["pools"], b["table"].masked_fill(b["table"] == 1, 99), b["n"], {}),
+     ValueError, r"page_table\[0, 1\] = 99"),
+    ("page-id-minus-1", lambda b: (b["pools"], b["table"].masked_fill(b["table"] == 1, -1), b["n"], {}),
+     ValueError, r"page_table\[0, 1\] = -1"),
+    ("n-chunks-long", lambda b: (b["pools"], b["table"], b["n"] + 200, {}), ValueError,
+     "n_chunks must be in"),
+    ("n-chunks-negative", lambda b: (b["pools"], b["table"], b["n"] - 6, {}), ValueError,
+     "n_chunks must be in"),
+    ("n-chunks-int16", lambda b: (b["pools"], b["table"], b["n"].to(torch.int16), {}), TypeError,
+     "n_chunks must have one of dtypes"),
+    ("table-1d", lambda b: (b["pools"], b["table"][0], b["n"], {}), ValueError, "page_table must have 2 dims"),
+    ("table-int16", lambda b: (b["pools"], b["table"].to(torch.int16), b["n"], {}), TypeError,
+     "page_table must have one of dtypes"),
+    ("table-batch", lambda b: (b["pools"], b["table"][:1], b["n"][:1], {}), ValueError,
+     "page_table has 1 requests"),
+    ("max-chunks-short", lambda b: (b["pools"], b["table"], b["n"], {"max_chunks": 10}), ValueError,
+     "max_chunks = 10"),
+    ("max-chunks-bool", lambda b: (b["pools"], b["table"], b["n"], {"max_chunks": True}), ValueError,
+     "max_chunks must be"),
+]
+
+VARLEN_BAD = [
+    ("cu-decreasing", lambda b: (b["keys"], b["cu"].flip(0), {}), ValueError, "non-decreasing"),
+    ("cu-range", lambda b: (b["keys"], b["cu"] + 1, {}), ValueError, r"cu_chunks\[-1\] = 76 exceeds"),
+    ("cu-float", lambda b: (b["keys"], b["cu"].float(), {}), TypeError, "cu_chunks must have one of"),
+    ("cu-empty", lambda b: (b["keys"], b["cu"][:0], {}), ValueError, r"cu_chunks must be \[B \+ 1\]"),
+    ("cu-batch", lambda b: (b["keys"], b["cu"][:2], {}), ValueError, "cu_chunks describes 1 requests"),
+    ("keys-list-length", lambda b: (b["keys"][:1], b["cu"], {}), ValueError,
+     "per-layer keys hold 1 layers"),
+    ("keys-meta", lambda b: ([k.to("meta") for k in b["keys"]], b["cu"], {}), ValueError,
+     "keys are on meta"),
+    ("keys-int8", lambda b: ([k.view(torch.int8) for k in b["keys"]], b["cu"], {}), TypeError,
+     r"keys\[0\].*uint8"),
+    ("max-chunks-short", lambda b: (b["keys"], b["cu"], {"max_chunks": 10}), ValueError,
+     "shorter than the longest"),
+]
+
+
+@pytest.mark.parametrize("mutate,exc,msg", [pytest.param(*c[1:], id=c[0]) for c in PAGED_BAD])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_retriever_score_paged_refuses_before_any_launch(mutate, exc, msg, backend, device,
+                                                         launches):
+    model, _ = build(device, backend=backend)
+    b = _serving_batch(device)
+    pools, table, n, kw = mutate(b)
+    with pytest.raises(exc, match=msg):
+        model.score_paged(b["hidden"], pools, table, n, b["pos"], **kw)
+    assert launches["n"] == 0
+    model.score_paged(b["hidden"], b["pools"], b["table"], b["n"], b["pos"])  # the valid call
+    assert launches["n"] == (2 if backend == "triton" else 0)
+
+
+@pytest.mark.parametrize("mutate,exc,msg", [pytest.param(*c[1:], id=c[0]) for c in VARLEN_BAD])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_retriever_score_varlen_refuses_before_any_launch(mutate, exc, msg, backend, device,
+                                                          launches):
+    model, _ = build(device, backend=backend)
+    b = _serving_batch(device)
+    keys, cu, kw = mutate(b)
+    with pytest.raises(exc, match=msg):
+        model.score_varlen(b["hidden"], keys, cu, b["pos"], **kw)
+    assert launches["n"] == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_returns_empty_on_both_backends(backend, device):
+    model, _ = build(device, backend=backend)
+    hidden, ck, pos = inputs(device, 2, 9)
+    e_h, e_k, e_p = hidden[:0], ck[:0], pos[:0]
+    assert model.ensemble(e_h, e_k, e_p).shape == (0, 9)
+    assert model.logits(e_h, e_k, e_p).shape == (3, 0, 9)
+    assert model.select_topk(e_h, e_k, e_p, top_k=2).shape == (0, 9)
+    from flashmemory_triton import paged as P
+    pb = P.pack_pool([])
+    out = model.score_paged(e_h, torch.zeros(1, C.PAGE_BYTES, dtype=torch.uint8, device=device),
+                            pb.page_table.to(device), pb.n_chunks.to(device), e_p,
+                            return_logits=True)
+    assert out.scores.shape == (0, 0) and out.logits.shape == (3, 0, 0)
