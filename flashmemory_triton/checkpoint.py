@@ -378,6 +378,31 @@ def _hub_offline() -> bool:
     return bool(check() if callable(check) else getattr(constants, "HF_HUB_OFFLINE", False))
 
 
+HUB_PROBE_TIMEOUT_S = 3.0  # one TCP connect to the hub; the hub client's own retries take ~25 s
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Can a TCP connection to the hub endpoint be opened? One connect, ``timeout`` seconds.
+
+    Offline, ``huggingface_hub`` retries a failed request five times with backoff (about 25 s)
+    before it falls back to the cache; this probe lets :func:`resolve_pretrained` go to the
+    cache at once. Behind a proxy a direct connect proves nothing, so it answers True there
+    and leaves the decision to the hub client."""
+    import socket
+    from urllib.parse import urlparse
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    from huggingface_hub import constants
+    url = urlparse(getattr(constants, "ENDPOINT", None) or "https://huggingface.co")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:  # no DNS, refused, unreachable, timed out
+        return False
+
+
 def resolve_pretrained(repo_id: str = DEFAULT_REPO_ID, filename: str | None = None,
                        revision: str | None = None, cache_dir=None,
                        local_files_only: bool = False) -> Path:
@@ -386,7 +411,9 @@ def resolve_pretrained(repo_id: str = DEFAULT_REPO_ID, filename: str | None = No
     An existing directory is searched with :func:`find_checkpoint_in_dir`; an existing file is
     returned as is. Otherwise ``huggingface_hub.hf_hub_download`` fetches ``filename``, or the
     first of :data:`CHECKPOINT_CANDIDATES` the repo (or, offline, the cache) has. The hub's own
-    cache, ``HF_HUB_OFFLINE`` and ``local_files_only`` apply as usual.
+    cache, ``HF_HUB_OFFLINE`` and ``local_files_only`` apply as usual; when the hub endpoint
+    cannot be reached (one short TCP connect, :func:`_hub_reachable`), only the cache is read,
+    so an offline call fails (or uses the cache) in seconds, not after the hub's retries.
     """
     if not isinstance(repo_id, (str, os.PathLike)):
         raise TypeError(f"repo_id must be a str (hub repo id or local directory), got "
@@ -408,7 +435,9 @@ def resolve_pretrained(repo_id: str = DEFAULT_REPO_ID, filename: str | None = No
     candidates = (filename,) if filename is not None else CHECKPOINT_CANDIDATES
     where = f"{repo_id!r} (revision {revision or 'main'})"
     cache_only = bool(local_files_only) or _hub_offline()
-    unreachable = False
+    # Offline: look in the cache at once instead of waiting out the hub client's retries.
+    unreachable = not cache_only and not _hub_reachable()
+    cache_only = cache_only or unreachable
     for candidate in candidates:
         try:
             return Path(hf_hub_download(repo_id, candidate, revision=revision,

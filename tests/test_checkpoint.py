@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from flashmemory_triton import FlashMemoryRetriever
+from flashmemory_triton import checkpoint as checkpoint_module
 from flashmemory_triton import constants as C
 from flashmemory_triton import reference as ref
 from flashmemory_triton.checkpoint import (CHECKPOINT_CANDIDATES, DEFAULT_REPO_ID, CheckpointError,
@@ -420,6 +421,8 @@ def test_resolve_hub_fallbacks_without_cache(monkeypatch, tmp_path, no_network):
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    # The endpoint answers the probe (the hub itself is simulated below).
+    monkeypatch.setattr(checkpoint_module, "_hub_reachable", lambda *a, **k: True)
     calls = []
 
     def missing_then_found(repo_id, filename, **kw):

@@ -255,3 +255,59 @@ def test_decode_with_zero_page_budget_and_offload_runs_cleanly(monkeypatch, caps
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "Traceback" not in err and "summary: 8 tokens" in out
+
+
+# --- the hub, offline: fail (or use the cache) fast -----------------------------------------------
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """Offline mode OFF (the hub client would retry for ~25 s), every connection refused at once
+    and counted; no request ever leaves the machine."""
+    import socket
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
+                "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    attempts = []
+
+    def refuse(address, *args, **kwargs):
+        attempts.append(address)
+        raise ConnectionRefusedError(f"no network in this test ({address})")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a connection other than the reachability probe was attempted")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", never)
+    monkeypatch.setattr(socket.socket, "connect_ex", never)
+    return attempts
+
+
+def test_hub_offline_fails_fast_without_retries(tmp_path, unreachable_hub, monkeypatch):
+    import time
+    import huggingface_hub
+    from flashmemory_triton.checkpoint import resolve_pretrained
+    real = huggingface_hub.hf_hub_download
+    modes = []
+
+    def recording(*args, **kwargs):
+        modes.append(kwargs.get("local_files_only"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="the hub was unreachable"):
+        resolve_pretrained("libertywing/FlashMemory-Deepseek-V4", cache_dir=tmp_path)
+    assert time.monotonic() - t0 < 10  # the hub client's retries alone take ~25 s
+    assert unreachable_hub and modes and all(modes)  # the probe failed: cache lookups only
+
+
+def test_demo_hub_offline_is_one_line_and_fast(tmp_path, unreachable_hub, monkeypatch, capsys):
+    import time
+    from flashmemory_triton import cli
+    monkeypatch.setattr(cli, "SUBCOMMANDS", {"demo": cli.SUBCOMMANDS["demo"]})
+    t0 = time.monotonic()
+    rc = cli.main(["demo", "--hub", "libertywing/FlashMemory-Deepseek-V4", "--cache-dir",
+                   str(tmp_path)])
+    err = capsys.readouterr().err
+    assert time.monotonic() - t0 < 10
+    assert rc == 2 and "unreachable" in err and "Traceback" not in err
