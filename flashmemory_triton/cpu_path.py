@@ -6,25 +6,31 @@ the same fp32 values (``fp8 * scale``, one rounding, as :func:`reference.dequant
 the dot products and the head sum are fp32 sums of the same terms; only the summation order
 differs. Per chunk and layer the difference from the reference is at most
 
-    2 * (D + H) * 2**-24 * sum_h |w_h| sum_d |k_d q_hd|        (+ an ulp of the offset add)
+    2 * (D + H + 1) * 2**-24 * sum_h |w_h| sum_d |k_d q_hd|      (+ an ulp of the offset add)
 
-(the fp32 ``gamma_n`` bound of a length-D dot product and a length-H sum, for each of the two
-summation orders; relu is 1-Lipschitz); ``tests/test_cpu_path.py`` checks it.
+(the fp32 ``gamma_n`` bound of a length-D dot product and a length-H weighted sum, for each of
+the two summation orders; relu is 1-Lipschitz): relative to the sum of absolute terms, about
+1.5e-5 at D = H = 128, and in practice a few 1e-7 of the largest logit.
+``tests/test_cpu_path.py`` checks it. The query side is the reference's own code (bf16/fp16
+weights: the same fp32 arithmetic on weights upcast 256 rows at a time, :func:`query_side`), so
+q and w are the reference's bits.
 
 Why it is fast (the reference, like the release, dequantizes the whole key tensor and
 materializes fp32 ``[B, N, H]`` products once per layer):
 
-* a block of chunks is decoded once for all layers: the e4m3 bytes become float16 bit patterns
-  with two integer ops (``e4m3`` is ``fp16`` with the exponent field shifted down by 8 powers of
-  two, subnormals included), then one vectorized fp16 -> fp32 conversion; torch's own e4m3
-  conversion is scalar and several times slower;
+* a block of chunks is decoded once for all layers that read it: the e4m3 bytes become
+  float16 bit patterns with three integer ops (``e4m3`` is ``fp16`` with the exponent field
+  shifted down by 8 powers of two, subnormals included), then one vectorized fp16 -> fp32
+  conversion; torch's own e4m3 conversion is scalar and about 20x slower;
 * one fp32 GEMM per block for every layer and head that reads those keys: ``[L*H, D] x [D, n]``
   with shared keys, ``[H, D] x [D, n]`` per layer otherwise;
 * relu in place, then the head-weighted sum as a batched ``[1, H] x [H, n]`` product per layer;
-* the block (``block_chunks`` chunks, about 2.5 KB each) stays in the cores' L2, and every
-  temporary is one of a few buffers reused across blocks, so memory beyond the outputs is
-  bounded whatever N and B: scores ``[B, N]`` (and ``[L, B, N]`` logits when asked for) plus
-  ``block_chunks * (L*H + 3*D + 8) * 4`` bytes;
+* the block (``block_chunks`` chunks, about 2.3 KB each) stays in cache, and every temporary
+  is one of a few buffers reused across blocks, so memory beyond the outputs is bounded
+  whatever N and B: scores ``[B, N]`` (and ``[L, B, N]`` logits when asked for), 5 bytes a
+  chunk per key buffer for the scales and the non-finite mask, plus
+  :func:`workspace_bytes` (``block_chunks * (6 D + 4 L H)``, 9.4 MB at the default);
+* the non-finite check reads each key buffer once (:func:`chunk_masks`), not once per layer;
 * every torch op runs on torch's intra-op thread pool (``torch.get_num_threads()``).
 
 NaN policy as the reference (:func:`reference.pin_nonfinite`): a chunk with an e4m3 NaN byte or
@@ -34,21 +40,27 @@ logit that overflowed to +-inf.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from . import _validate as V
 from . import constants as C
 from . import reference as ref
 
-__all__ = ["DEFAULT_BLOCK_CHUNKS", "score_prepared_cpu", "decode_keys", "workspace_bytes"]
+__all__ = ["DEFAULT_BLOCK_CHUNKS", "score_prepared_cpu", "query_side", "chunk_masks",
+           "decode_block", "decode_keys", "workspace_bytes"]
 
-# Chunks per block: the block's temporaries (about 2.5 KB a chunk at L*H = 384) fit the L2 of
-# two cores; much smaller blocks pay torch's per-op overhead, larger ones spill to L3.
-DEFAULT_BLOCK_CHUNKS = 1024
+# Chunks per block: the block's temporaries (about 2.3 KB a chunk at L*H = 384, 9.4 MB a block)
+# stay in the last-level cache. Measured on a 2-core Xeon (Sapphire Rapids), N = 65536: 1024
+# chunks costs 1.5x (torch's per-op overhead, 16 ops a block, and one thread barrier each), 16384
+# about 1.1x of 4096.
+DEFAULT_BLOCK_CHUNKS = 4096
 
 # e4m3 byte b shifted into the HIGH byte of an int16, shifted right by one (arithmetic, which
-# copies the sign into bit 14) and masked with 0xBF80 (clearing it again) is the float16 with sign bit 15, exponent bits 13..10 = b's exponent, mantissa
-# bits 9..7 = b's mantissa: the same number times 2**-8, for normals and subnormals alike.
+# copies the sign into bit 14) and masked with 0xBF80 (clearing it again) is the float16 with
+# sign bit 15, exponent bits 13..10 = b's exponent, mantissa bits 9..7 = b's mantissa: the same
+# number times 2**-8, for normals and subnormals alike.
 _FP16_MASK = 0xBF80 - 0x10000  # as a signed int16
 _FP16_TO_E4M3 = 256.0  # 2**8, exact
 _E4M3_MAX_AS_FP16 = C.FP8_E4M3_MAX / _FP16_TO_E4M3  # 1.75; the NaN bytes decode to +-1.875
@@ -68,14 +80,33 @@ def workspace_bytes(block_chunks: int, rows: int, head_dim: int = C.HEAD_DIM) ->
     return block_chunks * (head_dim * 6 + rows * 4)
 
 
-def decode_keys(rows: torch.Tensor, ws: _Workspace | None = None
+def chunk_masks(compressed_k: torch.Tensor, slab: int = 1 << 16
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-format chunks ``uint8 [n, D + 4]`` -> fp32 keys ``[n, D]`` and a bool ``[n]`` mask.
+    """One pass over a key buffer ``uint8 [..., N, D + 4]``: ``2**8 * scale`` float32 and the
+    chunks the reference pins to NaN (:func:`reference.nonfinite_chunks`: an e4m3 NaN byte, or a
+    scale that is NaN, infinite or past ``C.MAX_KEY_SCALE``), both ``[..., N]``.
 
-    The keys are exactly :func:`reference.dequant_compressed_k`'s (``fp8 * scale`` rounded once
-    to fp32); the mask marks the chunks the reference pins to NaN (an e4m3 NaN byte or a
-    non-finite scale). ``ws``: buffers to decode into (a fresh set if ``None``).
+    Done once per buffer, not per layer; ``slab`` chunks at a time, so the byte temporaries stay
+    bounded whatever N. ``2**8 * scale`` is exact and finite for every chunk not masked.
     """
+    D = compressed_k.shape[-1] - C.SCALE_BYTES
+    scale = ref.chunk_scales(compressed_k, D)
+    bad = ~(scale.abs() <= C.MAX_KEY_SCALE)  # NaN compares False: caught too
+    N = compressed_k.shape[-2]
+    for lead in itertools.product(*(range(d) for d in compressed_k.shape[:-2])):
+        for n0 in range(0, N, slab):
+            rows = compressed_k[lead][n0:n0 + slab, :D]
+            # b | 0x80 == 0xFF exactly for the NaN bytes 0x7F and 0xFF; a byte max is
+            # vectorized (a row-wise any() of a comparison is not).
+            bad[lead][n0:n0 + slab] |= (rows | 0x80).amax(dim=-1) == 0xFF
+    return scale * _FP16_TO_E4M3, bad
+
+
+def decode_block(rows: torch.Tensor, scale256: torch.Tensor, ws: "_Workspace | None" = None
+                 ) -> torch.Tensor:
+    """Row-format chunks ``uint8 [n, D + 4]`` and their ``2**8 * scale`` -> fp32 keys ``[n, D]``,
+    exactly :func:`reference.dequant_compressed_k`'s for every chunk :func:`chunk_masks` does
+    not mask (``fp8 * scale`` rounded once). ``ws``: buffers to decode into."""
     n, width = rows.shape
     D = width - C.SCALE_BYTES
     if ws is None:
@@ -86,17 +117,15 @@ def decode_keys(rows: torch.Tensor, ws: _Workspace | None = None
     bits.mul_(256).bitwise_right_shift_(1).bitwise_and_(_FP16_MASK)
     keys = ws.keys[:n]
     keys.copy_(bits.view(torch.float16))  # fp8 value * 2**-8, exact
-    # Two row reductions (vectorized; aminmax and comparisons over rows are not).
-    hi, lo = keys.amax(dim=-1), keys.amin(dim=-1)
-    scale = ref.chunk_scales(rows, D)
-    # The reference's rule (reference.nonfinite_chunks): a NaN byte, or a scale that is NaN,
-    # infinite or past C.MAX_KEY_SCALE. NaN compares False, so it is caught too.
-    bad = (hi > _E4M3_MAX_AS_FP16) | (lo < -_E4M3_MAX_AS_FP16)
-    bad |= ~(scale.abs() <= C.MAX_KEY_SCALE)
-    # keys * (2**8 * scale) is the real product fp8 * scale rounded once, as the reference's
-    # fp8.float() * scale; 2**8 * scale is exact and finite for every scale not masked above.
-    keys.mul_((scale * _FP16_TO_E4M3)[:, None])
-    return keys, bad
+    # keys * (2**8 * scale) is the real product fp8 * scale, rounded once.
+    return keys.mul_(scale256[:, None])
+
+
+def decode_keys(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-format chunks ``uint8 [n, D + 4]`` -> fp32 keys ``[n, D]`` (the reference's values
+    wherever the mask is False) and the bool ``[n]`` non-finite mask (:func:`chunk_masks`)."""
+    scale256, bad = chunk_masks(rows)
+    return decode_block(rows, scale256), bad
 
 
 def score_prepared_cpu(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Tensor, *,
@@ -132,30 +161,78 @@ def score_prepared_cpu(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Ten
     q32, w32 = q.float(), w.float()
     scores = torch.empty(B, N, dtype=torch.float32, device=device)
     logits = torch.empty(L, B, N, dtype=torch.float32, device=device) if return_logits else None
+    buffers = [compressed_k] if shared else list(compressed_k)
+    masks = [chunk_masks(kb) for kb in buffers]  # once per key buffer: [B, N] each
     rows = L * H if shared else H  # dot-product rows of one GEMM
     block = min(block_chunks, max(N, 1))
     ws = _Workspace(block, D, rows, device)
+    block_logits = torch.empty(L, block, dtype=torch.float32, device=device)
     for b in range(B):
         # Shared keys: every layer's heads in one GEMM. Per layer: one GEMM per layer.
-        groups = ([(q32[:, b].reshape(L * H, D), w32[:, b].reshape(L, 1, H), None)] if shared
+        groups = ([(q32[:, b].reshape(L * H, D), w32[:, b].reshape(L, 1, H), 0)] if shared
                   else [(q32[l, b], w32[l, b].reshape(1, 1, H), l) for l in range(L)])
         for n0 in range(0, N, block):
             n1 = min(N, n0 + block)
             m = n1 - n0
-            layer_logits = []
-            for qg, wg, layer in groups:
-                k_rows = compressed_k[b, n0:n1] if shared else compressed_k[layer, b, n0:n1]
-                keys, bad = decode_keys(k_rows, ws)
+            out = block_logits[:, :m]
+            for qg, wg, g in groups:
+                keys = decode_block(buffers[g][b, n0:n1], masks[g][0][b, n0:n1], ws)
                 dots = ws.dots[:qg.shape[0] * m].view(qg.shape[0], m)
                 torch.mm(qg, keys.t(), out=dots)
                 dots.relu_()
-                lg = torch.bmm(wg, dots.view(wg.shape[0], H, m)).view(wg.shape[0], m)
-                if logit_offset != 0.0:
-                    lg.add_(logit_offset)
-                # reference.pin_nonfinite: masked chunks and overflowed logits are NaN.
-                layer_logits.append(lg.masked_fill_(bad | torch.isinf(lg), float("nan")))
-            block_logits = layer_logits[0] if shared else torch.cat(layer_logits)
+                # [layers, 1, H] x [layers, H, m]: the head-weighted sum, written in place.
+                torch.bmm(wg, dots.view(wg.shape[0], H, m),
+                          out=out[g:g + wg.shape[0]].view(wg.shape[0], 1, m))
+            if logit_offset != 0.0:
+                out.add_(logit_offset)
+            # reference.pin_nonfinite: an overflowed (+-inf) logit is NaN. (Masked chunks are
+            # pinned once at the end.)
+            out.masked_fill_(torch.isinf(out), float("nan"))
             if logits is not None:
-                logits[:, b, n0:n1] = block_logits
-            scores[b, n0:n1] = ref.ensemble_scores(torch.sigmoid(block_logits), ensemble)
+                logits[:, b, n0:n1] = out
+            scores[b, n0:n1] = ref.ensemble_scores(torch.sigmoid(out), ensemble)
+    # The masked chunks: NaN in every layer that reads them (so NaN scores).
+    bad_any = masks[0][1] if shared else torch.stack([mk[1] for mk in masks]).any(0)
+    scores.masked_fill_(bad_any, float("nan"))
+    if logits is not None:
+        if shared:
+            logits.masked_fill_(bad_any[None], float("nan"))
+        else:
+            logits.masked_fill_(torch.stack([mk[1] for mk in masks]), float("nan"))
     return scores, logits
+
+
+# --- query side -------------------------------------------------------------------------------
+UPCAST_ROWS = 256  # weight rows upcast to fp32 at a time: 4 MB of fp32 at hidden 4096
+
+
+def _matmul_upcast(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.float().T`` for fp32 ``x [B, K]``, with ``weight [R, K]`` upcast
+    ``UPCAST_ROWS`` rows at a time (cache-sized) instead of as a whole: a bf16 weight is read
+    once at 2 bytes an element, and no full fp32 copy is ever made. Each output element is the
+    same K-term fp32 dot product as in the single GEMM (the split is over output columns;
+    ``tests/test_cpu_path.py`` checks the bits against the reference)."""
+    if weight.dtype == torch.float32:
+        return x @ weight.T
+    return torch.cat([x @ weight[r0:r0 + UPCAST_ROWS].float().T
+                      for r0 in range(0, weight.shape[0], UPCAST_ROWS)], dim=-1)
+
+
+def query_side(hidden: torch.Tensor, weights: dict[str, torch.Tensor], positions: torch.Tensor,
+               max_position: int, head_dim: int = C.HEAD_DIM,
+               mixed_freqs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reference.query_side` in fp32 for weights stored in any float dtype: the same
+    steps and the same fp32 arithmetic on the upcast weights, without materializing them in
+    fp32 (the reference's ``weight.to(float32)`` copies 170 MB a layer per call for bf16
+    weights). fp32 weights take the reference's own function."""
+    if all(t.dtype == torch.float32 for t in weights.values()):
+        return ref.query_side(hidden, weights, positions, max_position, head_dim,
+                              mixed_freqs=mixed_freqs)
+    x = hidden.float()
+    q_lora = ref.rms_norm(_matmul_upcast(x, weights["wq_a.weight"]),
+                          weights["q_norm_weight"].float())
+    q = _matmul_upcast(q_lora, weights["wq_b.weight"]).view(x.shape[0], -1, head_dim)
+    n_heads = q.shape[1]
+    w = _matmul_upcast(x, weights["weights_proj.weight"]) * C.weight_scale(n_heads, head_dim)
+    rows = ref.freqs_cis_at(positions, max_position, mixed_freqs)
+    return ref.prepare_query(q, rows), w

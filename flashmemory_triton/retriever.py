@@ -273,13 +273,16 @@ class FlashMemoryRetriever(nn.Module):
                                 self.logit_offset, mixed_freqs=self.rope_freqs)
 
     def _reference_queries(self, hidden, positions, per_h, layers):
-        """The reference's query side of ``layers`` (the same calls as :meth:`_torch_layer`,
-        so the same bits): ``q [len(layers), B, H, D]`` and ``w [len(layers), B, H]``."""
+        """The reference's query side of ``layers`` (the same calls as :meth:`_torch_layer`, so
+        the same bits; bf16/fp16 weights upcast in blocks, not as a whole):
+        ``q [len(layers), B, H, D]`` and ``w [len(layers), B, H]``."""
+        from . import cpu_path
         qs, ws = [], []
         for i in layers:
-            q, w = ref.query_side((hidden[i] if per_h else hidden).contiguous(),
-                                  self.layer_weights(self.layer_names[i]), positions,
-                                  self.max_position, self.head_dim, mixed_freqs=self.rope_freqs)
+            q, w = cpu_path.query_side((hidden[i] if per_h else hidden).contiguous(),
+                                       self.layer_weights(self.layer_names[i]), positions,
+                                       self.max_position, self.head_dim,
+                                       mixed_freqs=self.rope_freqs)
             qs.append(q)
             ws.append(w)
         return torch.stack(qs), torch.stack(ws)

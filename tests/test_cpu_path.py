@@ -330,3 +330,73 @@ def test_functional_ops_match_reference(no_interpreter):
         bound = logit_bound(q, w, keys, want[1])
         assert_within(got[1], want[1], bound, "logits")
         assert_within(got[0], want[0], score_bound(bound), "scores")
+
+
+# --- bf16-stored weights ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_low_precision_weights_query_side_is_the_reference_bit_for_bit(dtype, batch):
+    """Weights upcast 256 rows at a time give the reference's fp32 projections exactly (an
+    off-by-one bf16 rounding of q downstream would otherwise break the logit bound)."""
+    states = make_layer_states(hidden=300, rank=600, n_heads=5, dtype=dtype)  # 640 q rows
+    weights = states["l10"]
+    g = torch.Generator().manual_seed(batch)
+    hidden = torch.randn(batch, 300, generator=g)
+    pos = torch.arange(batch) * 1000
+    q, w = cpu_path.query_side(hidden, weights, pos, C.MAX_POSITION_RELEASE)
+    q_ref, w_ref = ref.query_side(hidden, weights, pos, C.MAX_POSITION_RELEASE)
+    assert torch.equal(q, q_ref) and torch.equal(w, w_ref)
+
+
+def test_bf16_retriever_matches_reference(no_interpreter):
+    states = make_layer_states(hidden=300, rank=600, n_heads=4, dtype=torch.bfloat16)
+    model = FlashMemoryRetriever(states, dtype=torch.bfloat16)
+    oracle = FlashMemoryRetriever(states, dtype=torch.bfloat16, backend="torch")
+    assert model.resolved_backend() == "cpu"
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(2, 300, generator=g)
+    keys = make_keys((2, 90), g)
+    pos = torch.tensor([7, 900])
+    q, w = model._reference_queries(h, pos, False, range(3))
+    want = oracle.logits(h, keys, pos)
+    assert_within(model.logits(h, keys, pos), want, logit_bound(q, w, keys, want), "bf16 logits")
+
+
+# --- bench: the CPU comparison (tiny sizes; speed is never asserted) ---------------------------
+def test_bench_cpu_comparison_runs(tmp_path, no_interpreter):
+    import json
+
+    from flashmemory_triton.bench import cpu as bench_cpu
+    out = tmp_path / "cpu.json"
+    rc = bench_cpu.main(["--n", "64,130", "--batch", "1,2", "--repeats", "1", "--hidden", "64",
+                         "--rank", "32", "--heads", "4", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["environment"]["resolved_backend"] == "cpu"
+    rows = doc["rows"]
+    assert [(r["n"], r["batch"]) for r in rows] == [(64, 1), (64, 2), (130, 1), (130, 2)]
+    for r in rows:
+        assert r["status"] == "ok" and r["logit_rel_err"] <= bench_cpu.REL_ERR_BAR
+        assert r["release_ms"] > 0 and r["ours_ms"] > 0 and r["speedup"] > 0
+        assert r["floor_gemm_ms"] > 0 and r["floor_read_ms"] > 0
+    model = bench_cpu.build_model(64, 32, 4, torch.float32)
+    skipped = bench_cpu.run_row(model, 64, 1, 1, memory_budget=0)
+    assert skipped.release_ms is None and skipped.status.startswith("release skipped")
+
+
+def test_release_module_is_the_reference_without_the_policy():
+    """The bench's release algorithm computes what the reference backend does on clean keys."""
+    from flashmemory_triton.bench import cpu as bench_cpu
+    states = make_layer_states()
+    model = FlashMemoryRetriever(states, backend="torch")
+    h, keys, pos = _model_inputs(False, seed=3)
+    keys = make_keys((2, 150), torch.Generator().manual_seed(3), special_scales=False)
+    assert torch.equal(bench_cpu.release_module_logits(model, h, keys, pos),
+                       model.logits(h, keys, pos))
+
+
+def test_cpu_ceilings_are_measured():
+    from flashmemory_triton.bench import roofline
+    c = roofline.measure_ceilings(CPU, lambda fn: 1.0)
+    assert c.matmul_tflops["fp32"] > 0 and c.matmul_tflops["bf16"] > 0 and c.copy_gbps > 0
+    assert "best of" in c.notes[0]
