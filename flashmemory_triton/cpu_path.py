@@ -167,6 +167,9 @@ def score_prepared_cpu(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Ten
     block = min(block_chunks, max(N, 1))
     ws = _Workspace(block, D, rows, device)
     block_logits = torch.empty(L, block, dtype=torch.float32, device=device)
+    block_sigmoid = torch.empty(L, block, dtype=torch.float32, device=device)
+    # reference.ensemble_scores' reductions, written straight into the scores
+    reduce = torch.amax if ensemble == "max" else torch.mean
     for b in range(B):
         # Shared keys: every layer's heads in one GEMM. Per layer: one GEMM per layer.
         groups = ([(q32[:, b].reshape(L * H, D), w32[:, b].reshape(L, 1, H), 0)] if shared
@@ -190,7 +193,8 @@ def score_prepared_cpu(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Ten
             out.masked_fill_(torch.isinf(out), float("nan"))
             if logits is not None:
                 logits[:, b, n0:n1] = out
-            scores[b, n0:n1] = ref.ensemble_scores(torch.sigmoid(out), ensemble)
+            sig = torch.sigmoid(out, out=block_sigmoid[:, :m])
+            reduce(sig, dim=0, out=scores[b, n0:n1])
     # The masked chunks: NaN in every layer that reads them (so NaN scores).
     bad_any = masks[0][1] if shared else torch.stack([mk[1] for mk in masks]).any(0)
     scores.masked_fill_(bad_any, float("nan"))
@@ -214,8 +218,15 @@ def _matmul_upcast(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ``tests/test_cpu_path.py`` checks the bits against the reference)."""
     if weight.dtype == torch.float32:
         return x @ weight.T
-    return torch.cat([x @ weight[r0:r0 + UPCAST_ROWS].float().T
-                      for r0 in range(0, weight.shape[0], UPCAST_ROWS)], dim=-1)
+    R, K = weight.shape
+    out = torch.empty(x.shape[0], R, dtype=torch.float32, device=x.device)
+    # One reused fp32 buffer: a fresh .float() per block costs more than the GEMV itself.
+    buf = torch.empty(min(UPCAST_ROWS, R), K, dtype=torch.float32, device=x.device)
+    for r0 in range(0, R, UPCAST_ROWS):
+        block = buf[:min(UPCAST_ROWS, R - r0)]
+        block.copy_(weight[r0:r0 + UPCAST_ROWS])
+        out[:, r0:r0 + block.shape[0]] = x @ block.T
+    return out
 
 
 def query_side(hidden: torch.Tensor, weights: dict[str, torch.Tensor], positions: torch.Tensor,
