@@ -195,7 +195,8 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num
         raise ValueError(f"num_sms must be a positive int, got {num_sms!r}")
     V.tensor("context_lens", context_lens, dtypes=_LEN_DTYPES, ndims=(1, 2))
     lens = context_lens.reshape(-1) if context_lens.dim() == 2 else context_lens
-    _check_indices(indices, lens.shape[0], context_lens)
+    _check_indices(indices, lens.shape[0], context_lens,
+                   context_lens.shape[1] if context_lens.dim() == 2 else 1)
     blocks = (lens.to(torch.int64).clamp_min(0) + BLOCK_KV - 1) // BLOCK_KV
     cum = torch.cumsum(blocks, 0)  # inclusive
     total = cum[-1] if cum.numel() else torch.zeros((), dtype=torch.int64, device=lens.device)
@@ -207,16 +208,15 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num
     return meta.to(torch.int32)
 
 
-def _check_indices(indices, rows: int, context_lens) -> None:
+def _check_indices(indices, rows: int, context_lens, next_n: int) -> None:
     if indices is None:
         return
     V.tensor("indices", indices, dtypes=_LEN_DTYPES, ndim=1)
     if indices.shape[0] != rows:
         raise ValueError(f"indices must be int32 [{rows}] (one per query row), "
                          f"got {V.describe(indices)}")
-    if context_lens.dim() == 2 and context_lens.shape[1] != 1:
-        raise ValueError(f"indices (varlen rows) needs next_n = 1, got context_lens "
-                         f"{V.describe(context_lens)}")
+    if next_n != 1:
+        raise ValueError(f"indices (varlen rows) needs next_n = 1, got next_n = {next_n}")
     V.same_device(context_lens.device, indices=indices)
 
 
@@ -289,7 +289,7 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     if schedule_meta.shape[1] != 2:
         raise ValueError(f"schedule_meta must be int32 [num_sms + 1, 2] (from "
                          f"get_paged_mqa_logits_metadata), got {V.describe(schedule_meta)}")
-    _check_indices(indices, R, context_lens)
+    _check_indices(indices, R, context_lens, next_n)
     V.same_device(q.device, kv_cache=kv_cache, weights=weights, context_lens=context_lens,
                   block_table=block_table, schedule_meta=schedule_meta)
     if isinstance(max_context_len, bool) or not isinstance(max_context_len, int) \

@@ -21,7 +21,8 @@ from flashmemory_triton.kernels import PRECISIONS
 
 pytestmark = pytest.mark.compile
 
-SMEM_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}  # opt-in dynamic shared memory per block
+SMEM_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024,  # opt-in dynamic shared memory per block
+              "sm_89": 99 * 1024}
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +126,29 @@ def test_every_batched_layout_compiled(compiled):
                  ENSEMBLE_MEAN=True, INDEX="i64")
     got = {r["SHARED_KEYS"] for r in _pick(compiled, kernel="batched_score", arch="sm_80")}
     assert got == {True, False}
+
+
+# --- the DeepGEMM drop-in's raw-logits kernel: kernels/mqa_logits.py ----------------------------
+MQA_MMA = {"sm_90": "wgmma_e4m3", "sm_89": "mma_sync_e4m3", "sm_80": "mma_sync_bf16"}
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_89", "sm_80"])
+def test_mqa_kernel_fp8_q(compiled, arch):
+    """The e4m3 q goes into the dot as is: e4m3 tensor cores on sm_89 (mma.sync) and sm_90
+    (wgmma), the integer decode to bf16 on sm_80 (no e4m3 conversion instruction there);
+    no spills, shared memory within the SM's limit; 16-byte page units give 16-byte loads."""
+    found = _pick(compiled, kernel="mqa_logits", arch=arch)
+    assert {(r["PAGED"], r["ABSOLUTE"], r["FILL"], r["PAGE_UNIT"]) for r in found} == {
+        (True, False, False, 16), (True, False, True, 16), (True, False, False, 4),
+        (False, True, True, 16), (False, False, False, 16)}
+    for r in found:
+        ptx = r["ptx"]
+        tag = f"{arch}/paged={r['PAGED']}/unit={r['PAGE_UNIT']}/fill={r['FILL']}"
+        assert ptx[MQA_MMA[arch]], f"{tag}: expected {MQA_MMA[arch]}"
+        if arch == "sm_80":
+            assert not ptx["cvt_e4m3"], f"{tag}: sm_80 has no e4m3 type; bits must be decoded"
+        assert r.get("local_bytes", 0) == 0 and r.get("stack_bytes", 0) == 0, f"{tag}: spills {r}"
+        assert r["shared_bytes"] <= SMEM_LIMIT[arch], f"{tag}: {r['shared_bytes']} B shared"
+        assert not ptx["ld_global_u8"], f"{tag}: key or q bytes read one at a time"
+        if r["PAGE_UNIT"] == 16:
+            assert ptx["ld_global_v4"], f"{tag}: fp8 rows not read with 16-byte loads"

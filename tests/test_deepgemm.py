@@ -576,3 +576,37 @@ def test_retriever_engine_shapes():
         want = m.score_paged(h, pools, table2, n2.reshape(-1), pos, return_logits=True)
         assert torch.equal(got.scores, want.scores) and torch.equal(got.logits, want.logits)
         assert got.n_chunks.tolist() == n2.reshape(-1).tolist()
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_and_graph_capture(device):
+    """On a GPU: neither entry point synchronizes with the host (torch's sync debug mode
+    raises on a sync) and a captured CUDA graph replays the eager logits bitwise."""
+    if device.type != "cuda":
+        pytest.skip("needs --device cuda")
+    q8, cache, w, ctx, table, rows, keys = paged_case(128, 2, True, C.PAGE_BYTES + 64, seed=9)
+    q8, cache, w, ctx, table = (t.to(device) for t in (q8, cache, w, ctx, table))
+    meta = dg.get_paged_mqa_logits_metadata(ctx, 64, 132)
+    gen = torch.Generator().manual_seed(9)
+    k8, s = (t.to(device) for t in fp8_keys(150, gen))
+    qm, wm = fp8_q(len(KS), 128, D, gen=gen).to(device), torch.randn(len(KS), 128).to(device)
+    ks, ke = (torch.tensor(v, dtype=torch.int32, device=device) for v in (KS, KE))
+
+    def run():
+        return (dg.fp8_paged_mqa_logits(q8, cache, w, ctx, table, meta, 192, True),
+                dg.fp8_mqa_logits(qm, (k8, s), wm, ks, ke))
+
+    eager = run()  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, captured):
+        assert torch.equal(a, b)
