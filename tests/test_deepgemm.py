@@ -610,3 +610,25 @@ def test_gpu_no_host_sync_and_graph_capture(device):
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):
         assert torch.equal(a, b)
+
+
+def test_rows_split_over_launches(monkeypatch):
+    """More query rows than one launch takes (``MAX_ROWS`` cut to 3): later launches index q,
+    weights, lengths, table rows (``row // next_n``, a request's MTP rows split between two
+    launches) and outputs from their first row, paged and not."""
+    from flashmemory_triton.kernels import mqa_logits as KM
+    monkeypatch.setattr(KM, "MAX_ROWS", 3)
+    q8, cache, w, ctx, table, rows, keys = paged_case(32, 2, True, C.PAGE_BYTES, seed=21)
+    meta = dg.get_paged_mqa_logits_metadata(ctx, 64, 2)
+    got = dg.fp8_paged_mqa_logits(q8, cache, w, ctx, table, meta, 160, True, backend="triton")
+    full, mag = paged_ref(q8, w, keys, 2, 160)
+    assert_rows(got, full, mag, torch.arange(160)[None] < rows.clamp(0, 160)[:, None], True, 32)
+    gen = torch.Generator().manual_seed(22)
+    k8, s = fp8_keys(150, gen)
+    qm, wm = fp8_q(len(KS), 32, D, gen=gen), torch.randn(len(KS), 32, generator=gen)
+    ks, ke = torch.tensor(KS, dtype=torch.int32), torch.tensor(KE, dtype=torch.int32)
+    got = dg.fp8_mqa_logits(qm, (k8, s), wm, ks, ke, backend="triton")
+    full, mag = ref_full(qm, k8, s, wm)
+    j = torch.arange(150)
+    inside = (j[None] >= ks.clamp(0, 150)[:, None]) & (j[None] < ke.clamp(0, 150)[:, None])
+    assert_rows(got, full, mag, inside, True, 32)
