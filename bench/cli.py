@@ -225,6 +225,8 @@ def default_providers(device: torch.device, options: Options) -> list[providers.
     for p in providers.resolve(None):
         if p.needs_triton and device.type != "cuda":
             left_out.append(f"{p.name} (Triton is timed on CUDA only)")
+        elif p.cpu_only and device.type != "cpu":
+            left_out.append(f"{p.name} (the CPU path is timed on CPU runs only)")
         elif p.name == "torch_compile" and options.compile_shapes == 0:
             left_out.append(f"{p.name} (--compile-shapes 0)")
         else:

@@ -58,6 +58,7 @@ class Provider:
     build: Callable[[Context, ShapeInputs, Shape, str], Runner]
     temp_bytes: Callable[[Shape, ModelDims, str], int]  # estimated peak beyond the inputs
     description: str
+    cpu_only: bool = False  # the CPU path: timed on CPU runs only
 
     def row_precisions(self, wanted: tuple[str, ...]) -> tuple[str, ...]:
         """The precisions this provider runs in a sweep over ``wanted``."""
@@ -78,6 +79,13 @@ def _release_bytes(shape, dims, precision) -> int:
 
 def _torch_fast_bytes(shape, dims, precision) -> int:
     return DEFAULT_BLOCK_BYTES + _outputs(shape, dims)
+
+
+def _cpu_bytes(shape, dims, precision) -> int:
+    from flashmemory_triton.cpu_path import DEFAULT_BLOCK_CHUNKS, workspace_bytes
+    buffers = dims.n_layers if shape.per_layer else 1  # scales and mask: 5 bytes a chunk each
+    return (workspace_bytes(DEFAULT_BLOCK_CHUNKS, dims.n_layers * dims.heads)
+            + buffers * shape.batch * shape.n * 5 + _outputs(shape, dims))
 
 
 def _triton_bytes(shape, dims, precision) -> int:
@@ -110,6 +118,15 @@ def _build_torch_fast(ctx: Context, x: ShapeInputs, shape: Shape, precision: str
     return Runner(run=lambda: call(False)[0], check=lambda: call(True))
 
 
+def _build_cpu(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) -> Runner:
+    from flashmemory_triton.cpu_path import score_prepared_cpu
+
+    def call(logits: bool):
+        return score_prepared_cpu(x.q, x.w, x.compressed_k, ensemble=shape.ensemble,
+                                  return_logits=logits)
+    return Runner(run=lambda: call(False)[0], check=lambda: call(True))
+
+
 def _build_triton(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) -> Runner:
     from flashmemory_triton import ops
     prepared = ops.prepare_queries(x.q_proj, x.w, x.positions, max_position=x.max_position,
@@ -126,7 +143,7 @@ def _build_triton(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) ->
 def _cycle_builder(backend: str) -> Callable:
     def build(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) -> Runner:
         from flashmemory_triton.selection import select_resident
-        retriever = ctx.model.retriever(backend, None if backend == "torch" else precision)
+        retriever = ctx.model.retriever(backend, None if backend in ("torch", "cpu") else precision)
         max_pages = C.default_max_pages(shape.n * C.TOKENS_PER_CHUNK)
 
         def run():
@@ -149,11 +166,17 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              "torch.compile of the reference (static shapes, default mode)"),
     Provider("torch_fast", SCORING, FAST_PRECISIONS, False, _build_torch_fast, _torch_fast_bytes,
              "flashmemory_triton.torch_fast: blocked matmuls, scale factored out"),
+    Provider("cpu", SCORING, None, False, _build_cpu, _cpu_bytes,
+             "flashmemory_triton.cpu_path: the CPU backend, exact fp32, blocked", cpu_only=True),
     Provider("triton", SCORING, PRECISIONS, True, _build_triton, _triton_bytes,
              "fused Triton scorer (ops.score_prepared) on prepared queries"),
     Provider("cycle_torch", CYCLE, None, False, _cycle_builder("torch"),
              lambda s, d, p: _release_bytes(s, d, p) + _selection_bytes(s),
              "full cycle, torch backend: projections + reference scoring + page selection"),
+    Provider("cycle_cpu", CYCLE, None, False, _cycle_builder("cpu"),
+             lambda s, d, p: _cpu_bytes(s, d, p) + _selection_bytes(s),
+             "full cycle, CPU backend: projections + CPU-path scoring + page selection",
+             cpu_only=True),
     Provider("cycle_triton", CYCLE, PRECISIONS, True, _cycle_builder("triton"),
              lambda s, d, p: _triton_bytes(s, d, p) + _selection_bytes(s),
              "full cycle, triton backend: batched projections + fused scoring + page selection"),

@@ -151,6 +151,8 @@ def _static_skip(shape, provider, options, triton_ok, triton_skip, compile_shape
     """Why a row is not run whatever the memory: no Triton here, or past the compile budget."""
     if provider.needs_triton and not triton_ok:
         return triton_skip
+    if provider.cpu_only and options.device.type != "cpu":
+        return "skipped: the CPU path is timed on CPU runs only"
     if provider.name == "torch_compile" and shape not in compile_shapes:
         return f"skipped: compile budget (--compile-shapes {options.compile_shapes})"
     return ""

@@ -400,3 +400,22 @@ def test_cpu_ceilings_are_measured():
     c = roofline.measure_ceilings(CPU, lambda fn: 1.0)
     assert c.matmul_tflops["fp32"] > 0 and c.matmul_tflops["bf16"] > 0 and c.copy_gbps > 0
     assert "best of" in c.notes[0]
+
+
+def test_bench_sweep_times_the_cpu_path_on_cpu_only():
+    from flashmemory_triton.bench import cli, providers, runner, sweeps
+    from flashmemory_triton.bench.inputs import ModelDims
+    sweep = sweeps.Sweep(n=(128,), batch=(2,), layout=("shared", "per_layer"), precision=("bf16",),
+                         ensemble=("mean",))
+    chosen = [providers.PROVIDERS[n] for n in ("reference", "cpu", "cycle_cpu")]
+    options = runner.Options(device=CPU, dims=ModelDims(hidden=128, rank=64, heads=4),
+                             min_samples=2, progress=False)
+    rows = runner.run_sweep(sweep, chosen, options).rows
+    cpu_rows = [r for r in rows if r["provider"] in ("cpu", "cycle_cpu")]
+    assert len(cpu_rows) == 4 and all(r["status"] == "ok" for r in cpu_rows)
+    assert all(r["logit_rel_rms"] < 1e-6 for r in cpu_rows if r["provider"] == "cpu")
+    gpu = runner.Options(device=torch.device("cuda"), progress=False)
+    assert runner._static_skip(None, providers.PROVIDERS["cpu"], gpu, True, "", set()) \
+        .startswith("skipped: the CPU path")
+    names = [p.name for p in cli.default_providers(torch.device("cuda"), gpu)]
+    assert "cpu" not in names and "cycle_cpu" not in names

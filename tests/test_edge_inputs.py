@@ -19,8 +19,15 @@ from _helpers import make_layer_states
 from kernel_cases import make_keys
 from test_retriever_api import HIDDEN, RANK, inputs
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cpu"]  # cpu: the CPU path (CPU devices only)
 FAR = [200, 400000]  # positions where a bf16 RoPE table is off by whole radians
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backend_on_cpu_only(request, device):
+    spec = getattr(request.node, "callspec", None)
+    if spec is not None and spec.params.get("backend") == "cpu" and device.type != "cpu":
+        pytest.skip("backend='cpu' (the CPU path) takes CPU tensors only")
 
 
 def _model(device, backend, **kw):
