@@ -42,6 +42,20 @@ def tensor(name: str, t, *, dtype=None, dtypes=None, ndim=None, ndims=None,
     return t
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it is laid out exactly as a fresh contiguous tensor (row-major strides,
+    size-1 dims included, storage offset 0), else such a copy. ``.contiguous()`` is not enough
+    for a GEMM operand: it keeps odd strides of size-1 dims and any offset, and BLAS may then
+    take another path and round differently; this keeps results independent of the layout."""
+    want, acc = [], 1
+    for size in reversed(t.shape):
+        want.append(acc)
+        acc *= size
+    if t.storage_offset() == 0 and tuple(t.stride()) == tuple(reversed(want)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def same_device(device: torch.device, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != device:

@@ -59,6 +59,9 @@ def _has_data(name: str, t: torch.Tensor) -> None:
 def _bytes_view(t: torch.Tensor, lead: int) -> torch.Tensor:
     """``[*lead_dims, *row_shape]`` any dtype -> uint8 ``[*lead_dims, row_bytes]`` (no copy
     when contiguous)."""
+    if t.numel() == 0:  # an empty tensor counts as contiguous with any strides: no view
+        row_bytes = math.prod(t.shape[lead:]) * t.element_size()
+        return torch.empty(*t.shape[:lead], row_bytes, dtype=torch.uint8, device=t.device)
     flat = t.contiguous().reshape(*t.shape[:lead], math.prod(t.shape[lead:]))
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 

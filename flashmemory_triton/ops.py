@@ -235,7 +235,7 @@ def project_queries(retriever, hidden: torch.Tensor) -> tuple[torch.Tensor, torc
     wdt = retriever.dtype
     # A strided hidden (e.g. column-major) could take another GEMM path and round differently;
     # one small copy keeps the result independent of the layout, bit for bit.
-    hidden = hidden.contiguous()
+    hidden = V.dense(hidden)
     if hidden.dim() == 2:
         B = hidden.shape[0]
         flat = retriever.w_in.reshape(L * (R + H), -1)

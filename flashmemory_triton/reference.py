@@ -62,6 +62,8 @@ def chunk_scales(compressed_k: torch.Tensor, head_dim: int = C.HEAD_DIM) -> torc
     native byte order; the format is little-endian, as is every platform torch supports for
     CUDA (x86_64, aarch64)."""
     raw = compressed_k[..., head_dim:head_dim + C.SCALE_BYTES]
+    if raw.numel() == 0:  # no chunks: empty tensors count as contiguous with any strides
+        return torch.empty(raw.shape[:-1], dtype=torch.float32, device=raw.device)
     if not raw.is_contiguous() or raw.storage_offset() % C.SCALE_BYTES:
         raw = raw.clone(memory_format=torch.contiguous_format)
     return raw.view(torch.float32)[..., 0]

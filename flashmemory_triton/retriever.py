@@ -18,6 +18,14 @@ ENSEMBLE_MODES = ("max", "mean")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+class UnknownLayerError(KeyError, ValueError):
+    """A layer name the retriever does not have: a ``KeyError`` (a lookup by name, as the
+    release) that is also the ``ValueError`` every other refused argument raises."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted, as a key's repr
+        return str(self.args[0]) if self.args else ""
+
+
 def split_joint_state(state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, dict]":
     """``retrievers.<layer>.<param>`` keys -> ``{layer: {param: tensor}}`` in key order."""
     layers: "OrderedDict[str, dict]" = OrderedDict()
@@ -196,7 +204,8 @@ class FlashMemoryRetriever(nn.Module):
         try:
             return self.layer_names.index(name)
         except ValueError:
-            raise KeyError(f"unknown layer {name!r}; this retriever has {self.layer_names}") from None
+            raise UnknownLayerError(f"unknown layer {name!r}; this retriever has "
+                                    f"{self.layer_names}") from None
 
     def resolved_backend(self) -> str:
         """The backend calls will use on this retriever's device."""
@@ -267,7 +276,7 @@ class FlashMemoryRetriever(nn.Module):
         # A strided hidden (e.g. column-major) could take another GEMM path and round
         # differently; a contiguous copy keeps the answer independent of the layout (as the
         # Triton path's ops.project_queries does).
-        return ref.layer_logits((hidden[i] if per_h else hidden).contiguous(),
+        return ref.layer_logits(V.dense(hidden[i] if per_h else hidden),
                                 compressed_k[i] if per_k else compressed_k, positions,
                                 self.layer_weights(name), self.max_position, self.head_dim,
                                 self.logit_offset, mixed_freqs=self.rope_freqs)
@@ -279,7 +288,7 @@ class FlashMemoryRetriever(nn.Module):
         from . import cpu_path
         qs, ws = [], []
         for i in layers:
-            q, w = cpu_path.query_side((hidden[i] if per_h else hidden).contiguous(),
+            q, w = cpu_path.query_side(V.dense(hidden[i] if per_h else hidden),
                                        self.layer_weights(self.layer_names[i]), positions,
                                        self.max_position, self.head_dim,
                                        mixed_freqs=self.rope_freqs)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers import make_layer_states
 from flashmemory_triton import FlashMemoryRetriever, ops, select_resident, topk_mask
 from flashmemory_triton import constants as C
 from flashmemory_triton import reference as ref
 from flashmemory_triton.torch_fast import score_chunks_fast, score_prepared_fast
-
-from _helpers import make_layer_states
 from kernel_cases import make_keys
 from test_retriever_api import HIDDEN, RANK, inputs
 
@@ -41,7 +40,7 @@ def _far_inputs(device, B=2, N=12):
     return hidden, ck, torch.tensor(FAR[:B], device=device)
 
 
-# --- module dtype casts keep the RoPE frequencies in float32 ---------------------------------------
+# --- module dtype casts keep the RoPE frequencies in float32 --------------------------------------
 @pytest.mark.parametrize("cast,dtype", [
     (lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.bfloat16(), torch.bfloat16),
     (lambda m: m.half(), torch.float16), (lambda m: m.to(dtype=torch.float16), torch.float16)],
@@ -270,6 +269,7 @@ def unreachable_hub(monkeypatch):
     """Offline mode OFF (the hub client would retry for ~25 s), every connection refused at once
     and counted; no request ever leaves the machine."""
     import socket
+
     import huggingface_hub.constants as hub_constants
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
@@ -292,7 +292,9 @@ def unreachable_hub(monkeypatch):
 
 def test_hub_offline_fails_fast_without_retries(tmp_path, unreachable_hub, monkeypatch):
     import time
+
     import huggingface_hub
+
     from flashmemory_triton.checkpoint import resolve_pretrained
     real = huggingface_hub.hf_hub_download
     modes = []
@@ -310,6 +312,7 @@ def test_hub_offline_fails_fast_without_retries(tmp_path, unreachable_hub, monke
 
 def test_demo_hub_offline_is_one_line_and_fast(tmp_path, unreachable_hub, monkeypatch, capsys):
     import time
+
     from flashmemory_triton import cli
     monkeypatch.setattr(cli, "SUBCOMMANDS", {"demo": cli.SUBCOMMANDS["demo"]})
     t0 = time.monotonic()
