@@ -32,8 +32,8 @@ Conventions (DeepGEMM's):
   ``max_context_len`` or the table are cut there.
 
 Differences that remain (see README "Switching from DeepGEMM"): no fp4 and no ``logits_dtype``
-(fp32 logits only, as the legacy API); ``schedule_meta`` is checked for shape and dtype but the
-kernel schedules itself on the device (see :func:`get_paged_mqa_logits_metadata`);
+(fp32 logits only, as the legacy API); ``schedule_meta``'s content is ours (see
+:func:`get_paged_mqa_logits_metadata`);
 ``indices`` (DeepGEMM's varlen sharing hint on sm_100) is checked and otherwise unused, since
 ``block_table`` and ``context_lens`` already name every row's keys; logits are a contiguous
 ``[rows, width]`` tensor (DeepGEMM returns a view of a wider, 1024-byte-aligned buffer).
@@ -181,14 +181,16 @@ def _mqa_torch(q, k8, ks, w, lo, hi, width, absolute, rows_per_step: int = 64):
 # --- paged -------------------------------------------------------------------------------------
 def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms: int,
                                   indices: torch.Tensor | None = None) -> torch.Tensor:
-    """The schedule: int32 ``[num_sms + 1, 2]``, row ``i`` = (query row, 64-key block within
-    it) where SM ``i``'s equal share of all the batch's key blocks begins; row ``num_sms`` is
-    ``(B * next_n, 0)``. Computed with device ops only (no host sync).
+    """The paged kernel's schedule: int32 ``[num_sms + 1, 2]``, row ``i`` = (query row,
+    64-key block within it) where program ``i``'s equal share of all the batch's key blocks
+    begins; row ``num_sms`` is ``(rows, 0)``. Computed with device ops only (no host sync).
 
-    :func:`fp8_paged_mqa_logits` checks its shape and dtype (so a DeepGEMM call sequence works
-    unchanged) but does not need its content: the kernel derives the same balance on the
-    device, per launch (prefix sums of every row's blocks, a persistent grid walking them), so
-    a stale or reused schedule can never make it read the wrong keys."""
+    :func:`fp8_paged_mqa_logits` launches one program per share (``num_sms`` of them, whatever
+    the GPU), each walking its blocks in order and skipping to the next row past a row's
+    length. The first share always starts at ``(0, 0)`` and the last ends after the last row,
+    so any non-decreasing schedule (one built for other lengths, another ``num_sms``, 1-D
+    ``context_lens`` with ``next_n > 1``) still covers every block exactly once: a stale
+    schedule costs balance, never correctness, as long as its rows are non-decreasing."""
     if block_kv != BLOCK_KV:
         raise ValueError(f"block_kv must be {BLOCK_KV} (the only page size), got {block_kv!r}")
     if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1:
@@ -286,7 +288,7 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
         raise ValueError(f"block_table must be int32 [{B}, max_blocks], got "
                          f"{V.describe(block_table)}")
     V.tensor("schedule_meta", schedule_meta, dtype=torch.int32, ndim=2)
-    if schedule_meta.shape[1] != 2:
+    if schedule_meta.shape[1] != 2 or schedule_meta.shape[0] < 2:
         raise ValueError(f"schedule_meta must be int32 [num_sms + 1, 2] (from "
                          f"get_paged_mqa_logits_metadata), got {V.describe(schedule_meta)}")
     _check_indices(indices, R, context_lens, next_n)
@@ -306,7 +308,7 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     return mqa_logits_launch(q.view(torch.uint8).view(R, H, D), weights, kb, kf,
                              width=max_context_len, limit=P, paged=True, absolute=False,
                              fill=clean_logits, lo=lens, table=block_table, next_n=next_n,
-                             page_stride=stride)
+                             meta=schedule_meta.contiguous(), page_stride=stride)
 
 
 def row_lengths(context_lens: torch.Tensor, next_n: int) -> torch.Tensor:

@@ -163,9 +163,10 @@ def compile_batched(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: bool
 
 def mqa_specializations(arch: str):
     """The DeepGEMM drop-in's raw-logits kernel (``kernels.mqa_logits``) at H = 128 (V4's
-    heads, one call): paged with 16-byte page units (page stride a multiple of 16) and 4-byte
-    ones, with and without the clean fill, and the non-paged key ranges (absolute columns,
-    cleaned; compressed). The e4m3 q is read as bytes: bitcast on sm_89+, decoded on sm_80."""
+    heads, one call): paged (the schedule walk) with 16-byte page units (page stride a
+    multiple of 16) and 4-byte ones, with and without the clean fill, and the non-paged key
+    ranges (absolute columns, cleaned; compressed). The e4m3 q is read as bytes: bitcast on
+    sm_89+, decoded on sm_80."""
     for unit, fill in ((16, False), (16, True), (4, False)):
         yield dict(PAGED=True, ABSOLUTE=False, FILL=fill, PAGE_UNIT=unit)
     yield dict(PAGED=False, ABSOLUTE=True, FILL=True, PAGE_UNIT=16)
@@ -179,16 +180,18 @@ def compile_mqa(arch: str, *, PAGED: bool, ABSOLUTE: bool, FILL: bool, PAGE_UNIT
     from .mqa_logits import FILL_N, MAX_ROWS, mqa_launch_config, mqa_logits_kernel
     target = TARGETS[arch]
     capability = divmod(target.arch, 10)
-    cfg = {**mqa_launch_config(1 << 20, H_PAD, capability), **config}
+    cfg = {**mqa_launch_config(1 << 20, H_PAD, capability, PAGED), **config}
     signature = {
         "kb_ptr": "*u8", "kf_ptr": "*fp32", "table_ptr": "*i32", "lo_ptr": "*i32",
-        "hi_ptr": "*i32", "q_ptr": "*u8", "w_ptr": "*fp32", "out_ptr": "*fp32",
+        "hi_ptr": "*i32", "meta_ptr": "*i32", "q_ptr": "*u8", "w_ptr": "*fp32",
+        "out_ptr": "*fp32",
         "R": "i32", "row0": "i32", "H": "i32", "width": "i32", "limit": "i32",
         "max_pages": "i32", "next_n": "i32", "page_units": "i32", "stride_tb": "i32",
         "stride_tp": "i32", "stride_wr": "i32", "stride_or": "i32",
     }
     constexprs = dict(D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"], BLOCK_H=cfg["BLOCK_H"],
-                      BLOCK_B=BLOCK_B or MAX_ROWS, FILL_N=FILL_N, PAGE_UNIT=PAGE_UNIT,
+                      BLOCK_B=BLOCK_B or (16 if PAGED else MAX_ROWS), FILL_N=FILL_N,
+                      PAGE_UNIT=PAGE_UNIT,
                       PAGED=PAGED, ABSOLUTE=ABSOLUTE, FILL=FILL, HW_FP8=capability >= (8, 9),
                       BF16_DOT_VIA_F32=False, WHILE_LOOP=False)
     for name in constexprs:

@@ -19,12 +19,15 @@ caller's float32 weights taken as given (no sigmoid, no ensemble, no offset), an
     ``ks[r] .. ke[r] - 1`` (clamped into ``[0, N]``). Output column ``j`` (``ABSOLUTE``) or
     ``j - ks[r]`` (compressed: DeepGEMM's ``max_seqlen_k`` convention).
 
-The work list and balance are the batched scorer's (:mod:`.paged`): per launch up to
-``MAX_ROWS`` query rows, tiles of ``BLOCK_N`` keys counted and prefix-summed in registers, a
-persistent grid walking them, nothing read on the host (capturable in a CUDA graph). ``FILL``
-(``clean_logits``) also writes ``-inf`` at every output column outside a row's keys; without
-it those columns are left as allocated, as DeepGEMM leaves them. Addressing is int64; page
-ids outside ``[0, P)`` are never dereferenced (those keys give NaN).
+Work list and balance. ``PAGED``: all rows in one launch, one program per share of the
+schedule (``deepgemm.get_paged_mqa_logits_metadata``: program ``i`` walks the 64-key blocks
+from ``(row, block)`` at ``meta[i]`` to ``meta[i + 1]``, skipping to the next row past a
+row's length; computed on the device from the lengths). ``RANGES``: the batched scorer's
+scheme (:mod:`.paged`): up to ``MAX_ROWS`` query rows a launch, tiles counted and prefix-summed
+in registers, a persistent grid walking them. Nothing is read on the host (capturable in a
+CUDA graph). ``FILL`` (``clean_logits``) also writes ``-inf`` at every output column outside
+a row's keys; without it those columns are left as allocated, as DeepGEMM leaves them.
+Addressing is int64; page ids outside ``[0, P)`` are never dereferenced (those keys give NaN).
 """
 
 from __future__ import annotations
@@ -45,25 +48,19 @@ _PAGE_CHUNKS = tl.constexpr(C.PAGE_CHUNKS)
 
 
 @triton.jit
-def _mqa_rows(lo_ptr, hi_ptr, row0, R, limit, width, max_pages,
-              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
-              ABSOLUTE: tl.constexpr):
-    """Per-row vectors ``[BLOCK_B]`` of rows ``row0 ..``: keys (clamped), first key, output
-    column of the first key, tiles' exclusive and inclusive prefix sums, total tiles."""
+def _mqa_rows(lo_ptr, hi_ptr, row0, R, limit, width,
+              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, ABSOLUTE: tl.constexpr):
+    """RANGES: per-row vectors ``[BLOCK_B]`` of rows ``row0 ..``: keys (clamped), first key,
+    output column of the first key, tiles' exclusive and inclusive prefix sums, total tiles."""
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < R
     zero = tl.zeros([BLOCK_B], dtype=tl.int64)
-    if PAGED:
-        n_all = tl.load(lo_ptr + row0 + rows, mask=rmask, other=0).to(tl.int64)
-        n_all = tl.minimum(tl.maximum(n_all, 0), (zero + max_pages) * _PAGE_CHUNKS)
-        start_all = zero
-    else:
-        lo = tl.load(lo_ptr + row0 + rows, mask=rmask, other=0).to(tl.int64)
-        hi = tl.load(hi_ptr + row0 + rows, mask=rmask, other=0).to(tl.int64)
-        lo = tl.minimum(tl.maximum(lo, 0), zero + limit)
-        hi = tl.minimum(tl.maximum(hi, lo), zero + limit)
-        n_all = hi - lo
-        start_all = lo
+    lo = tl.load(lo_ptr + row0 + rows, mask=rmask, other=0).to(tl.int64)
+    hi = tl.load(hi_ptr + row0 + rows, mask=rmask, other=0).to(tl.int64)
+    lo = tl.minimum(tl.maximum(lo, 0), zero + limit)
+    hi = tl.minimum(tl.maximum(hi, lo), zero + limit)
+    n_all = hi - lo
+    start_all = lo
     if ABSOLUTE:
         col0_all = start_all
     else:
@@ -76,20 +73,34 @@ def _mqa_rows(lo_ptr, hi_ptr, row0, R, limit, width, max_pages,
 
 @triton.jit
 def _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_all, col0_all,
-              first_all, cum, row0, H, limit, next_n, page_units, stride_tb, stride_tp,
-              stride_wr, stride_or,
+              first_all, cum, row0, H, limit, stride_wr, stride_or,
               D: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, PAGE_UNIT: tl.constexpr,
-              PAGED: tl.constexpr, HW_FP8: tl.constexpr, BF16_DOT_VIA_F32: tl.constexpr):
+              BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, HW_FP8: tl.constexpr,
+              BF16_DOT_VIA_F32: tl.constexpr):
+    """RANGES: global tile ``t`` of this launch's rows -> its row, then :func:`_mqa_tile_at`."""
     rows = tl.arange(0, BLOCK_B)
     b = tl.sum((cum <= t).to(tl.int32), axis=0)
     sel = rows == b
     first = tl.sum(tl.where(sel, first_all, 0), axis=0)
     n_b = tl.sum(tl.where(sel, n_all, 0), axis=0)
     col0 = tl.sum(tl.where(sel, col0_all, 0), axis=0)
-    n = (t - first).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start = tl.sum(tl.where(sel, start_all, 0), axis=0)
+    _mqa_tile_at((row0 + b).to(tl.int64), (t - first).to(tl.int64) * BLOCK_N, n_b, col0, start,
+                 kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, H, limit, 1, 0, 0, 0,
+                 stride_wr, stride_or, D, H_PAD, BLOCK_N, BLOCK_H, 16, False, HW_FP8,
+                 BF16_DOT_VIA_F32)
+
+
+@triton.jit
+def _mqa_tile_at(r, n0, n_b, col0, start, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, H,
+                 limit, next_n, page_units, stride_tb, stride_tp, stride_wr, stride_or,
+                 D: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_H: tl.constexpr, PAGE_UNIT: tl.constexpr, PAGED: tl.constexpr,
+                 HW_FP8: tl.constexpr, BF16_DOT_VIA_F32: tl.constexpr):
+    """Keys ``n0 .. n0 + BLOCK_N - 1`` (those below ``n_b``) of query row ``r``: logits stored
+    at output columns ``col0 + n``. Keys are ``start + n`` (RANGES) or the row's pages."""
+    n = n0 + tl.arange(0, BLOCK_N)
     nmask = n < n_b
-    r = (row0 + b).to(tl.int64)  # the query row
     if PAGED:
         slot = n // _PAGE_CHUNKS
         page = tl.load(table_ptr + (r // next_n) * stride_tb + slot * stride_tp,
@@ -101,7 +112,6 @@ def _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_
         key_bytes = (page * page_units + within * (D // PAGE_UNIT)) * PAGE_UNIT
         scale_words = page * (page_units * (PAGE_UNIT // 4)) + within + (_PAGE_CHUNKS * D) // 4
     else:
-        start = tl.sum(tl.where(sel, start_all, 0), axis=0)
         key = start + n
         valid = key < limit  # always (ranges are clamped); keeps the mask shape uniform
         key_bytes = (key * (D // 16)) * 16
@@ -135,7 +145,7 @@ def _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_
 @triton.jit
 def _mqa_fill(f, n_fill, n_all, col0_all, row0, width, out_ptr, stride_or,
               BLOCK_B: tl.constexpr, FILL_N: tl.constexpr):
-    """``-inf`` at the columns of fill block ``f`` outside its row's keys."""
+    """RANGES: ``-inf`` at the columns of fill block ``f`` outside its row's keys."""
     b = f // n_fill
     c = (f % n_fill).to(tl.int64) * FILL_N + tl.arange(0, FILL_N)
     sel = tl.arange(0, BLOCK_B) == b
@@ -148,10 +158,60 @@ def _mqa_fill(f, n_fill, n_all, col0_all, row0, width, out_ptr, stride_or,
 
 
 @triton.jit
+def _row_len(len_ptr, r, R, cap):
+    """Keys row ``r`` sees, clamped to ``[0, cap]`` (0 past the last row)."""
+    n = tl.load(len_ptr + tl.maximum(tl.minimum(r, R - 1), 0)).to(tl.int64)
+    return tl.where(r < R, tl.minimum(tl.maximum(n, 0), cap), 0)
+
+
+@triton.jit
+def _paged_fill(f, n_fill, len_ptr, R, cap, width, out_ptr, stride_or, FILL_N: tl.constexpr):
+    """PAGED: ``-inf`` at the columns of fill block ``f`` past its row's length."""
+    r = (f // n_fill).to(tl.int64)
+    c = (f % n_fill).to(tl.int64) * FILL_N + tl.arange(0, FILL_N)
+    n_r = _row_len(len_ptr, r, R, cap)
+    tl.store(out_ptr + r * stride_or + c, tl.full([FILL_N], float("-inf"), dtype=tl.float32),
+             mask=(c >= n_r) & (c < width))
+
+
+@triton.jit
+def _paged_walk(pid, nprog, meta_ptr, len_ptr, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr,
+                R, H, cap, limit, next_n, page_units, stride_tb, stride_tp, stride_wr, stride_or,
+                D: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_H: tl.constexpr, PAGE_UNIT: tl.constexpr, HW_FP8: tl.constexpr,
+                BF16_DOT_VIA_F32: tl.constexpr):
+    """PAGED: walk this program's share of the schedule, from ``(row, block)`` at
+    ``meta[pid]`` up to (not including) ``meta[pid + 1]``, in order: a block past its row's
+    length moves on to the next row. The first share starts at ``(0, 0)`` and the last ends
+    at ``(R, 0)`` whatever the metadata says, so any non-decreasing schedule covers every
+    block exactly once (a schedule for other lengths only costs balance)."""
+    r = tl.load(meta_ptr + 2 * pid).to(tl.int64)
+    j = tl.load(meta_ptr + 2 * pid + 1).to(tl.int64)
+    r_end = tl.load(meta_ptr + 2 * pid + 2).to(tl.int64)
+    j_end = tl.load(meta_ptr + 2 * pid + 3).to(tl.int64)
+    r = tl.where(pid == 0, 0, tl.minimum(tl.maximum(r, 0), R))
+    j = tl.where(pid == 0, 0, tl.maximum(j, 0))
+    last = pid == nprog - 1
+    r_end = tl.where(last, R, tl.minimum(tl.maximum(r_end, 0), R))
+    j_end = tl.where(last, 0, j_end)
+    while (r < r_end) | ((r == r_end) & (j < j_end)):
+        n_r = _row_len(len_ptr, r, R, cap)
+        here = j * BLOCK_N < n_r
+        if here:
+            _mqa_tile_at(r, j * BLOCK_N, n_r, 0, 0, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr,
+                         out_ptr, H, limit, next_n, page_units, stride_tb, stride_tp, stride_wr,
+                         stride_or, D, H_PAD, BLOCK_N, BLOCK_H, PAGE_UNIT, True, HW_FP8,
+                         BF16_DOT_VIA_F32)
+        j = tl.where(here, j + 1, 0)
+        r = tl.where(here, r, r + 1)
+
+
+@triton.jit
 def mqa_logits_kernel(
     kb_ptr, kf_ptr,  # uint8 / float32 views: the pool (PAGED) or fp8 rows / scales (RANGES)
     table_ptr,  # PAGED: block_table [B, max_pages]; RANGES: unused
     lo_ptr, hi_ptr,  # PAGED: lengths [R] (hi unused); RANGES: ks [R], ke [R]
+    meta_ptr,  # PAGED: the schedule, int32 [num_programs + 1, 2]; RANGES: unused
     q_ptr,  # uint8 e4m3 bytes [R, H, D]
     w_ptr, out_ptr,  # float32 weights [R, H] (row stride stride_wr), logits [R, width]
     R, row0, H, width, limit, max_pages, next_n, page_units,
@@ -161,7 +221,9 @@ def mqa_logits_kernel(
     PAGED: tl.constexpr, ABSOLUTE: tl.constexpr, FILL: tl.constexpr, HW_FP8: tl.constexpr,
     BF16_DOT_VIA_F32: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
-    """Rows ``row0 .. row0 + R - 1``; ``limit``: pages in the pool (PAGED) or keys N."""
+    """PAGED: all ``R`` rows in one launch, one program per schedule share. RANGES: rows
+    ``row0 .. row0 + R - 1`` (at most ``MAX_ROWS``). ``limit``: pages in the pool (PAGED) or
+    keys N (RANGES)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     stride_tb = tl.cast(stride_tb, tl.int64)
@@ -170,40 +232,60 @@ def mqa_logits_kernel(
     stride_or = tl.cast(stride_or, tl.int64)
     page_units = tl.cast(page_units, tl.int64)
     limit = tl.cast(limit, tl.int64)
-    n_all, start_all, col0_all, first_all, cum, total = _mqa_rows(
-        lo_ptr, hi_ptr, row0, R, limit, width, max_pages, BLOCK_B, BLOCK_N, PAGED, ABSOLUTE)
     n_fill = tl.cdiv(width, FILL_N)
-    if WHILE_LOOP:
-        t = pid
-        while t < total:
-            _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_all,
-                      col0_all, first_all, cum, row0, H, limit, next_n, page_units, stride_tb,
-                      stride_tp, stride_wr, stride_or, D, H_PAD, BLOCK_N, BLOCK_H, BLOCK_B,
-                      PAGE_UNIT, PAGED, HW_FP8, BF16_DOT_VIA_F32)
-            t += nprog
+    if PAGED:
+        R64 = tl.cast(R, tl.int64)
+        cap = tl.minimum(tl.cast(width, tl.int64), tl.cast(max_pages, tl.int64) * _PAGE_CHUNKS)
+        _paged_walk(pid, nprog, meta_ptr, lo_ptr, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr,
+                    out_ptr, R64, H, cap, limit, next_n, page_units, stride_tb, stride_tp,
+                    stride_wr, stride_or, D, H_PAD, BLOCK_N, BLOCK_H, PAGE_UNIT, HW_FP8,
+                    BF16_DOT_VIA_F32)
         if FILL:
-            f = pid
-            while f < R * n_fill:
-                _mqa_fill(f, n_fill, n_all, col0_all, row0, width, out_ptr, stride_or,
-                          BLOCK_B, FILL_N)
-                f += nprog
+            if WHILE_LOOP:
+                f = pid
+                while f < R * n_fill:
+                    _paged_fill(f, n_fill, lo_ptr, R64, cap, width, out_ptr, stride_or, FILL_N)
+                    f += nprog
+            else:
+                for f in range(pid, R * n_fill, nprog):
+                    _paged_fill(f, n_fill, lo_ptr, R64, cap, width, out_ptr, stride_or, FILL_N)
     else:
-        for t in range(pid, total, nprog):
-            _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_all,
-                      col0_all, first_all, cum, row0, H, limit, next_n, page_units, stride_tb,
-                      stride_tp, stride_wr, stride_or, D, H_PAD, BLOCK_N, BLOCK_H, BLOCK_B,
-                      PAGE_UNIT, PAGED, HW_FP8, BF16_DOT_VIA_F32)
-        if FILL:
-            for f in range(pid, R * n_fill, nprog):
-                _mqa_fill(f, n_fill, n_all, col0_all, row0, width, out_ptr, stride_or,
-                          BLOCK_B, FILL_N)
+        n_all, start_all, col0_all, first_all, cum, total = _mqa_rows(
+            lo_ptr, hi_ptr, row0, R, limit, width, BLOCK_B, BLOCK_N, ABSOLUTE)
+        if WHILE_LOOP:
+            t = pid
+            while t < total:
+                _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_all,
+                          col0_all, first_all, cum, row0, H, limit, stride_wr, stride_or, D,
+                          H_PAD, BLOCK_N, BLOCK_H, BLOCK_B, HW_FP8, BF16_DOT_VIA_F32)
+                t += nprog
+            if FILL:
+                f = pid
+                while f < R * n_fill:
+                    _mqa_fill(f, n_fill, n_all, col0_all, row0, width, out_ptr, stride_or,
+                              BLOCK_B, FILL_N)
+                    f += nprog
+        else:
+            for t in range(pid, total, nprog):
+                _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_all,
+                          col0_all, first_all, cum, row0, H, limit, stride_wr, stride_or, D,
+                          H_PAD, BLOCK_N, BLOCK_H, BLOCK_B, HW_FP8, BF16_DOT_VIA_F32)
+            if FILL:
+                for f in range(pid, R * n_fill, nprog):
+                    _mqa_fill(f, n_fill, n_all, col0_all, row0, width, out_ptr, stride_or,
+                              BLOCK_B, FILL_N)
 
 
 # --- host side ---------------------------------------------------------------------------------
-def mqa_launch_config(width: int, H_pad: int, capability: tuple[int, int] | None) -> dict:
+def mqa_launch_config(width: int, H_pad: int, capability: tuple[int, int] | None,
+                      paged: bool = True) -> dict:
     """The batched scorer's fp8 paged configuration (the same tile: one key tile, an e4m3 dot
-    per head block, a register reduction)."""
-    return batched_launch_config(width, H_pad, "fp8", capability, paged=True)
+    per head block, a register reduction); paged walks the schedule in 64-key blocks (one
+    page: the schedule's unit)."""
+    cfg = batched_launch_config(width, H_pad, "fp8", capability, paged=True)
+    if paged:
+        cfg["BLOCK_N"] = C.PAGE_CHUNKS
+    return cfg
 
 
 def page_unit(stride_bytes: int, base_ptr: int) -> int:
@@ -214,35 +296,39 @@ def page_unit(stride_bytes: int, base_ptr: int) -> int:
 def mqa_logits_launch(q8: torch.Tensor, w: torch.Tensor, kb: torch.Tensor, kf: torch.Tensor, *,
                       width: int, limit: int, paged: bool, absolute: bool, fill: bool,
                       lo: torch.Tensor, hi: torch.Tensor | None = None,
-                      table: torch.Tensor | None = None, next_n: int = 1,
-                      page_stride: int = C.PAGE_BYTES) -> torch.Tensor:
+                      table: torch.Tensor | None = None, meta: torch.Tensor | None = None,
+                      next_n: int = 1, page_stride: int = C.PAGE_BYTES) -> torch.Tensor:
     """Launch the raw-logits kernel over ``R = q8.shape[0]`` query rows; returns float32
     ``[R, width]``. ``q8`` uint8 ``[R, H, 128]`` (e4m3 bytes, contiguous), ``w`` float32
     ``[R, H]`` (unit column stride), ``kb``/``kf`` uint8/float32 views of the keys (the pool
     from its first byte, or fp8 rows and scales), ``lo``/``hi`` int32 per-row lengths (paged)
-    or ``ks``/``ke``; paged: ``table [B, max_pages]``, ``next_n`` rows per table row and the
-    page stride in bytes (a multiple of 4). Inputs are validated by the caller."""
+    or ``ks``/``ke``. Paged: ``table [B, max_pages]``, ``next_n`` rows per table row, the page
+    stride in bytes (a multiple of 4) and the schedule ``meta [programs + 1, 2]``: one launch
+    of ``programs`` programs. Ranges: one launch per ``MAX_ROWS`` rows. Inputs are validated
+    by the caller."""
     R, H, D = q8.shape
     device = q8.device
     out = alloc_output((R, width), torch.float32, device)
     if R == 0 or width == 0:
         return out
     H_pad = max(16, triton.next_power_of_2(H))
-    cfg = mqa_launch_config(width, H_pad, _device.capability(device))
-    unit = page_unit(page_stride, kb.data_ptr()) if paged else 16
-    tab = table if paged else lo
-    stride_tb, stride_tp = (table.stride(0), table.stride(1)) if paged else (0, 0)
-    max_pages = table.shape[1] if paged else 0
-    hi_arg = hi if hi is not None else lo
+    cfg = mqa_launch_config(width, H_pad, _device.capability(device), paged)
+    common = dict(D=D, H_PAD=H_pad, FILL_N=FILL_N, PAGED=paged, ABSOLUTE=absolute, FILL=fill,
+                  HW_FP8=_device.has_hw_fp8(device), BF16_DOT_VIA_F32=device.type != "cuda",
+                  WHILE_LOOP=device.type != "cuda", **cfg)
+    if paged:
+        unit = page_unit(page_stride, kb.data_ptr())
+        mqa_logits_kernel[(meta.shape[0] - 1,)](
+            kb, kf, table, lo, lo, meta, q8, w, out,
+            R, 0, H, width, limit, table.shape[1], next_n, page_stride // unit,
+            table.stride(0), table.stride(1), w.stride(0), out.stride(0),
+            BLOCK_B=16, PAGE_UNIT=unit, **common)
+        return out
     for row0 in range(0, R, MAX_ROWS):
         nb = min(MAX_ROWS, R - row0)
         items = nb * triton.cdiv(width, cfg["BLOCK_N"])
         mqa_logits_kernel[(_num_programs(device, items),)](
-            kb, kf, tab, lo, hi_arg, q8, w, out,
-            nb, row0, H, width, limit, max_pages, next_n, page_stride // unit,
-            stride_tb, stride_tp, w.stride(0), out.stride(0),
-            D=D, H_PAD=H_pad, BLOCK_B=max(16, triton.next_power_of_2(nb)), FILL_N=FILL_N,
-            PAGE_UNIT=unit, PAGED=paged, ABSOLUTE=absolute, FILL=fill,
-            HW_FP8=_device.has_hw_fp8(device),
-            BF16_DOT_VIA_F32=device.type != "cuda", WHILE_LOOP=device.type != "cuda", **cfg)
+            kb, kf, lo, lo, hi, lo, q8, w, out,
+            nb, row0, H, width, limit, 0, 1, 0, 0, 0, w.stride(0), out.stride(0),
+            BLOCK_B=max(16, triton.next_power_of_2(nb)), PAGE_UNIT=16, **common)
     return out

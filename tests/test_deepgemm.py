@@ -632,3 +632,23 @@ def test_rows_split_over_launches(monkeypatch):
     j = torch.arange(150)
     inside = (j[None] >= ks.clamp(0, 150)[:, None]) & (j[None] < ke.clamp(0, 150)[:, None])
     assert_rows(got, full, mag, inside, True, 32)
+
+
+def test_schedule_any_nondecreasing():
+    """The kernel walks the schedule it is given: every non-decreasing schedule covers every
+    block once (one share, more shares than blocks, one built for other lengths or for 1-D
+    lengths with next_n = 2, all-zero rows: the last share then does everything)."""
+    q8, cache, w, ctx, table, rows, keys = paged_case(32, 2, False, C.PAGE_BYTES, seed=31)
+    full, mag = paged_ref(q8, w, keys, 2, 192)
+    inside = torch.arange(192)[None] < rows.clamp(0, 192)[:, None]
+    two_d = ctx[:, None].expand(-1, 2).contiguous()
+    schedules = [dg.get_paged_mqa_logits_metadata(two_d, 64, n) for n in (1, 3, 40)] + [
+        dg.get_paged_mqa_logits_metadata(ctx, 64, 4),  # rows of the 1-D lengths: B, not 2B
+        dg.get_paged_mqa_logits_metadata(torch.full_like(two_d, 500), 64, 4),  # other lengths
+        torch.zeros(4, 2, dtype=torch.int32)]
+    for meta in schedules:
+        got = dg.fp8_paged_mqa_logits(q8, cache, w, ctx, table, meta, 192, True)
+        assert_rows(got, full, mag, inside, True, 32)
+    with pytest.raises(ValueError, match="schedule_meta"):
+        dg.fp8_paged_mqa_logits(q8, cache, w, ctx, table, torch.zeros(1, 2, dtype=torch.int32),
+                                192)
