@@ -40,12 +40,13 @@ by the converters and the scorer (:mod:`flashmemory_triton.paged`).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-from . import constants as C
 from . import _validate as V
+from . import constants as C
 
 __all__ = [
     "KeyBuffers", "PagedBatch", "VarlenBatch", "engine_pages", "expand_next_n",

@@ -27,14 +27,36 @@ from typing import NamedTuple
 
 import torch
 
-from . import constants as C
 from . import _validate as V
+from . import constants as C
 from .formats import (  # noqa: F401  (the formats' names stay importable from here)
-    KeyBuffers, PagedBatch, VarlenBatch, _INDEX_DTYPES, _check_cu, _check_cu_values,
-    _check_paged_values, _check_pages, _check_table, _per_layer_pool, _per_layer_varlen,
-    _pool_list, _resolve_max_chunks, _unwrap, _varlen_lengths, _varlen_list, pack_pool,
-    pack_varlen, pages_to_rows, pool_to_rows, rows_to_pages, unpack_pool, unpack_varlen,
-    varlen_to_pool, varlen_to_rows, engine_pages, expand_next_n,
+    _INDEX_DTYPES,
+    KeyBuffers,
+    PagedBatch,
+    VarlenBatch,
+    _check_cu,
+    _check_cu_values,
+    _check_paged_values,
+    _check_pages,
+    _check_table,
+    _per_layer_pool,
+    _per_layer_varlen,
+    _pool_list,
+    _resolve_max_chunks,
+    _unwrap,
+    _varlen_lengths,
+    _varlen_list,
+    engine_pages,
+    expand_next_n,
+    pack_pool,
+    pack_varlen,
+    pages_to_rows,
+    pool_to_rows,
+    rows_to_pages,
+    unpack_pool,
+    unpack_varlen,
+    varlen_to_pool,
+    varlen_to_rows,
 )
 
 __all__ = [

@@ -17,10 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers import e4m3fn_decode
 from flashmemory_triton import constants as C
 from flashmemory_triton import deepgemm as dg
-
-from _helpers import e4m3fn_decode
 
 pytestmark = pytest.mark.interpreter
 
