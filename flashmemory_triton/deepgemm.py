@@ -59,6 +59,9 @@ def _fp4_dtype(t: torch.Tensor) -> bool:
 
 
 def _check_q(q, ndim: int, what: str) -> torch.Tensor:
+    """The e4m3 q (also taken as DeepGEMM's newer ``(q, None)`` pair: fp8, no fp4 scales)."""
+    if isinstance(q, (tuple, list)) and len(q) == 2 and q[1] is None:
+        q = q[0]
     if isinstance(q, (tuple, list)):
         raise TypeError(f"q must be one e4m3 tensor {what} (the legacy fp8 API); a (values, "
                         f"scales) pair is DeepGEMM's fp4 input, which is not supported")
@@ -107,7 +110,7 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
     ``[M, H]``, ``cu_seq_len_k_start``/``cu_seq_len_k_end`` int32 ``[M]``. Returns float32
     ``[M, N]`` (``max_seqlen_k == 0``) or ``[M, max_seqlen_k]``; see the module doc for the
     conventions. ``backend``: ``"auto"``, ``"triton"`` or ``"torch"`` (an addition)."""
-    _check_q(q, 3, "[M, H, 128]")
+    q = _check_q(q, 3, "[M, H, 128]")
     M, H, D = q.shape
     if not isinstance(kv, (tuple, list)) or len(kv) != 2:
         raise TypeError(f"kv must be a pair (e4m3 [N, {D}], float32 [N]), got "
@@ -274,7 +277,7 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     ``block_table`` int32 ``[B, max_blocks]``, ``schedule_meta`` from
     :func:`get_paged_mqa_logits_metadata`. Returns float32 ``[B * next_n, max_context_len]``;
     see the module doc for the conventions."""
-    _check_q(q, 4, "[B, next_n, H, 128]")
+    q = _check_q(q, 4, "[B, next_n, H, 128]")
     B, next_n, H, D = q.shape
     P, stride = _check_kv_cache(kv_cache)
     R = B * next_n
