@@ -16,7 +16,9 @@ release, ours, ...: a shared machine's load hits both alike), medians reported. 
   FLOPs, timed on at most 65536 rows and scaled) plus one read of the projection weights (a
   sum over every weight), and our time over it.
 
-Timings on a shared machine are noisy: compare ratios from one run, not times across runs.
+Timings on a shared machine are noisy: compare ratios from one run, not times across runs. On a
+loaded machine, ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at barriers instead of spinning)
+takes out most of the noise from other processes' spinning threads.
 """
 
 from __future__ import annotations
@@ -233,7 +235,10 @@ def environment() -> dict:
         load = None
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_count": os.cpu_count(), "load_average": load}
+            "cpu_count": os.cpu_count(), "load_average": load,
+            # Spinning (the default) or sleeping threads at barriers: on a loaded machine this
+            # changes every many-op path's time several-fold (see cpu_path.DEFAULT_BLOCK_CHUNKS).
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}
 
 
 def build_model(hidden: int, rank: int, heads: int, dtype: torch.dtype) -> FlashMemoryRetriever:
@@ -295,7 +300,8 @@ def main(argv=None) -> int:
         return 2
     env = environment()
     print(f"torch {env['torch']}, {env['threads']} threads, CPU capability "
-          f"{env['cpu_capability']}, load average {env['load_average']}", flush=True)
+          f"{env['cpu_capability']}, OMP_WAIT_POLICY {env['omp_wait_policy']}, load average "
+          f"{env['load_average']}", flush=True)
     rows, env = run(args.n, args.batch, args.repeats, hidden=args.hidden, rank=args.rank,
                     heads=args.heads, dtype=getattr(torch, args.dtype),
                     progress=lambda line: print(line, flush=True))

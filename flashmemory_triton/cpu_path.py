@@ -19,17 +19,17 @@ Why it is fast (the reference, like the release, dequantizes the whole key tenso
 materializes fp32 ``[B, N, H]`` products once per layer):
 
 * a block of chunks is decoded once for all layers that read it: the e4m3 bytes become
-  float16 bit patterns with three integer ops (``e4m3`` is ``fp16`` with the exponent field
+  float16 bit patterns with two integer ops (``e4m3`` is ``fp16`` with the exponent field
   shifted down by 8 powers of two, subnormals included), then one vectorized fp16 -> fp32
   conversion; torch's own e4m3 conversion is scalar and about 20x slower;
 * one fp32 GEMM per block for every layer and head that reads those keys: ``[L*H, D] x [D, n]``
   with shared keys, ``[H, D] x [D, n]`` per layer otherwise;
 * relu in place, then the head-weighted sum as a batched ``[1, H] x [H, n]`` product per layer;
-* the block (``block_chunks`` chunks, about 2.3 KB each) stays in cache, and every temporary
+* the block (``block_chunks`` chunks, about 2.3 KB each) stays in the last-level cache, and every temporary
   is one of a few buffers reused across blocks, so memory beyond the outputs is bounded
   whatever N and B: scores ``[B, N]`` (and ``[L, B, N]`` logits when asked for), 5 bytes a
   chunk per key buffer for the scales and the non-finite mask, plus
-  :func:`workspace_bytes` (``block_chunks * (6 D + 4 L H)``, 9.4 MB at the default);
+  :func:`workspace_bytes` (``block_chunks * (6 D + 4 L H)``, 38 MB at the default);
 * the non-finite check reads each key buffer once (:func:`chunk_masks`), not once per layer;
 * every torch op runs on torch's intra-op thread pool (``torch.get_num_threads()``).
 
@@ -51,16 +51,19 @@ from . import reference as ref
 __all__ = ["DEFAULT_BLOCK_CHUNKS", "score_prepared_cpu", "query_side", "chunk_masks",
            "decode_block", "decode_keys", "workspace_bytes"]
 
-# Chunks per block: the block's temporaries (about 2.3 KB a chunk at L*H = 384, 9.4 MB a block)
-# stay in the last-level cache. Measured on a 2-core Xeon (Sapphire Rapids), N = 65536: 1024
-# chunks costs 1.5x (torch's per-op overhead, 16 ops a block, and one thread barrier each), 16384
-# about 1.1x of 4096.
-DEFAULT_BLOCK_CHUNKS = 4096
+# Chunks per block: the block's temporaries (about 2.3 KB a chunk at L*H = 384, 38 MB a block)
+# stay in the last-level cache. Every op is one barrier of torch's thread pool, about 10 a block;
+# on a loaded machine (OpenMP threads spinning at barriers, descheduled) a barrier costs
+# milliseconds, so fewer, larger blocks win: measured on the project's 2-core Xeon under load,
+# N = 65536, 2048 / 4096 / 8192 / 16384 chunks took 6.1 / 3.2 / 1.8 / 1.5 s with the default
+# OpenMP wait policy and 0.29 / 0.26 / 0.25 / 0.27 s with OMP_WAIT_POLICY=PASSIVE.
+DEFAULT_BLOCK_CHUNKS = 16384
 
 # e4m3 byte b shifted into the HIGH byte of an int16, shifted right by one (arithmetic, which
 # copies the sign into bit 14) and masked with 0xBF80 (clearing it again) is the float16 with
 # sign bit 15, exponent bits 13..10 = b's exponent, mantissa bits 9..7 = b's mantissa: the same
-# number times 2**-8, for normals and subnormals alike.
+# number times 2**-8, for normals and subnormals alike. (decode_block computes those bits as
+# int8(b) * 128 & 0xBF80.)
 _FP16_MASK = 0xBF80 - 0x10000  # as a signed int16
 _FP16_TO_E4M3 = 256.0  # 2**8, exact
 _E4M3_MAX_AS_FP16 = C.FP8_E4M3_MAX / _FP16_TO_E4M3  # 1.75; the NaN bytes decode to +-1.875
@@ -112,13 +115,14 @@ def decode_block(rows: torch.Tensor, scale256: torch.Tensor, ws: "_Workspace | N
     if ws is None:
         ws = _Workspace(n, D, 0, rows.device)
     bits = ws.bits[:n]
-    bits.copy_(rows[:, :D])  # zero-extended byte b
-    # b * 256 wraps into the sign bit: the same bits as b << 8, and vectorized (the shift is not).
-    bits.mul_(256).bitwise_right_shift_(1).bitwise_and_(_FP16_MASK)
-    keys = ws.keys[:n]
-    keys.copy_(bits.view(torch.float16))  # fp8 value * 2**-8, exact
-    # keys * (2**8 * scale) is the real product fp8 * scale, rounded once.
-    return keys.mul_(scale256[:, None])
+    # The byte read as int8 and sign-extended, times 128 (no overflow: |int8| <= 128), has b's
+    # low 7 bits at 13..7 and b's sign bit in bits 15 and 14: the bits of (b << 8) >> 1. Integer
+    # multiplies are vectorized, shifts are not.
+    bits.copy_(rows[:, :D].view(torch.int8))
+    bits.mul_(128).bitwise_and_(_FP16_MASK)
+    # float16 (fp8 value * 2**-8) times 2**8 * scale, computed in fp32 (the fp16 operand is
+    # widened exactly): the real product fp8 * scale, rounded once. One op, no fp32 copy first.
+    return torch.mul(bits.view(torch.float16), scale256[:, None], out=ws.keys[:n])
 
 
 def decode_keys(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,9 +192,10 @@ def score_prepared_cpu(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Ten
                           out=out[g:g + wg.shape[0]].view(wg.shape[0], 1, m))
             if logit_offset != 0.0:
                 out.add_(logit_offset)
-            # reference.pin_nonfinite: an overflowed (+-inf) logit is NaN. (Masked chunks are
-            # pinned once at the end.)
-            out.masked_fill_(torch.isinf(out), float("nan"))
+            # reference.pin_nonfinite: an overflowed (+-inf) logit is NaN, in one op: x + 0 * x
+            # is x for every finite x (signed zeros included) and NaN for +-inf. (Masked chunks
+            # are pinned once at the end.)
+            out.add_(out, alpha=0.0)
             if logits is not None:
                 logits[:, b, n0:n1] = out
             sig = torch.sigmoid(out, out=block_sigmoid[:, :m])

@@ -131,10 +131,17 @@ def test_nonfinite_policy_same_as_reference():
     assert logits[:, 0, [3, 10, 11, 12, 13]].isnan().all()
     assert logits[:, 1, 70].isnan().all()
     assert not logits[:, 0, [14, 15, 16]].isnan().any()
-    q_big = q.clone()
-    q_big[1, 0] *= 1e37  # overflows layer 1's logits of large-key chunks to +-inf -> NaN
-    big = _check_against_reference(q_big, w, keys, vs_float64=False)
-    assert big[1].isnan().sum() > logits[1].isnan().sum()  # the overflow happened
+    # Overflow to a clean +inf (not NaN): layer 1, row 0, chunk 20 has every key 1.0 and every
+    # q 1e38, all head weights positive; the logit must still come out NaN.
+    q_big, w_pos = q.clone(), w.clone()
+    q_big[1, 0] = 1e38
+    w_pos[1, 0] = w[1, 0].abs() + 0.01
+    keys[0, 20, :C.HEAD_DIM] = 0x38  # e4m3 1.0
+    keys[0, 20, C.HEAD_DIM:] = torch.tensor([1.0], dtype=torch.float32).view(torch.uint8)
+    raw = ops._score_torch(q_big, w_pos, keys, "max", 0.0, True)[1]
+    assert raw[1, 0, 20].isnan() and raw[0, 0, 20].isfinite()  # the reference pins it
+    big = _check_against_reference(q_big, w_pos, keys, vs_float64=False)
+    assert big[1, 0, 20].isnan()
 
 
 def test_decode_is_the_reference_dequantization_bit_for_bit():
