@@ -85,7 +85,7 @@ def compile_score(arch: str, *, PRECISION: str, SHARED_KEYS: bool, ENSEMBLE_MEAN
     num_stages) when exploring."""
     target = TARGETS[arch]
     capability = divmod(target.arch, 10)
-    cfg = {**launch_config(1 << 20, H_PAD, PRECISION, capability), **config}
+    cfg = {**launch_config(1 << 20, H_PAD, PRECISION, capability, SHARED_KEYS), **config}
     q_type = "*bf16" if PRECISION in ("bf16", "fp8") else "*fp32"
     signature = {
         "kw_ptr": "*u8", "kf_ptr": "*fp32", "q_ptr": q_type, "w_ptr": "*fp32",
@@ -134,7 +134,8 @@ def compile_batched(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: bool
                         batched_launch_config, batched_score_kernel)
     BLOCK_B = BLOCK_B or MAX_ROWS
     target = TARGETS[arch]
-    cfg = {**batched_launch_config(1 << 20, H_PAD, PRECISION, divmod(target.arch, 10), PAGED),
+    cfg = {**batched_launch_config(1 << 20, H_PAD, PRECISION, divmod(target.arch, 10), PAGED,
+                                   SHARED_KEYS),
            **config}
     q_type = "*bf16" if PRECISION in ("bf16", "fp8") else "*fp32"
     signature = {

@@ -55,6 +55,7 @@ from flashmemory_triton import constants as C
 from flashmemory_triton.paged import PAGED_LAYER_UNIT, VARLEN_LAYER_UNIT, KeyBuffers  # noqa: F401
 from flashmemory_triton.utils import _device
 
+from . import configs
 from ._alloc import alloc_output
 from .score import _ensemble_init, _layer_into_ensemble, _load_key_tile_at, launch_config
 
@@ -243,7 +244,8 @@ def batched_score_kernel(
 
 # --- host side ---------------------------------------------------------------------------------
 def batched_launch_config(max_chunks: int, H_pad: int, precision: str,
-                          capability: tuple[int, int] | None, paged: bool = True) -> dict:
+                          capability: tuple[int, int] | None, paged: bool = True,
+                          shared: bool = True) -> dict:
     """Launch parameters, chosen from the compiled resource usage (every GPU default is
     spill-free: ``python -m flashmemory_triton.kernels.aot``, enforced by
     ``tests/test_compile.py``; the exact fp32 mode excepted, as for the row-format scorer).
@@ -255,7 +257,8 @@ def batched_launch_config(max_chunks: int, H_pad: int, precision: str,
     tf32/fp32 (fp32 key tiles) and varlen rows (4-byte loads of 132-byte rows) take 64-chunk
     tiles, 64-head blocks, 8 warps. Before Hopper: 64-chunk tiles, 16-head blocks, 8 warps
     (4 warps, or 32-head blocks with 128 requests, spill with per-layer pools on sm_80).
-    Interpreter: ``score.launch_config``."""
+    From Triton 3.7 on, paged bf16 with one shared pool takes 32-head blocks on sm_90
+    (``kernels.configs.PAGED_BF16_SHARED``). Interpreter: ``score.launch_config``."""
     cfg = {**launch_config(max_chunks, H_pad, precision, capability), "num_stages": 1}
     if capability is None:
         return cfg
@@ -263,6 +266,8 @@ def batched_launch_config(max_chunks: int, H_pad: int, precision: str,
         cfg.update(BLOCK_N=64, BLOCK_H=min(H_pad, 16), num_warps=8)
     elif not (paged and precision in ("bf16", "fp8")):
         cfg.update(BLOCK_N=64, BLOCK_H=min(H_pad, 64), num_warps=8)
+    elif precision == "bf16" and shared:
+        cfg.update({k: min(H_pad, v) for k, v in configs.pick(configs.PAGED_BF16_SHARED).items()})
     return cfg
 
 
@@ -303,7 +308,8 @@ def batched_score_launch(q: torch.Tensor, w: torch.Tensor, keys: KeyBuffers,
     stride_tb, stride_tp = (page_table.stride(0), page_table.stride(1)) if paged else (0, 0)
     max_pages = page_table.shape[1] if paged else 0
     H_pad = max(16, triton.next_power_of_2(H))
-    cfg = batched_launch_config(max_chunks, H_pad, precision, _device.capability(device), paged)
+    cfg = batched_launch_config(max_chunks, H_pad, precision, _device.capability(device), paged,
+                                keys.shared)
     logits_arg = logits if logits is not None else scores
     for row0 in range(0, B, MAX_ROWS):
         nb = min(MAX_ROWS, B - row0)

@@ -28,6 +28,7 @@ from flashmemory_triton import constants as C
 
 from flashmemory_triton.utils import _device
 
+from . import configs
 from ._alloc import alloc_output
 from .numerics import e4m3_bits_to_f32
 
@@ -221,26 +222,36 @@ def key_views(compressed_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def launch_config(N: int, H_pad: int, precision: str,
-                  capability: tuple[int, int] | None) -> dict:
+                  capability: tuple[int, int] | None, shared: bool = True,
+                  triton_version: tuple[int, int] | None = None) -> dict:
     """Launch parameters by shape class (no autotuning).
 
     GPU, chosen from the compiled resource usage (``python -m flashmemory_triton.kernels.aot``;
-    every default below is spill-free, which ``tests/test_compile.py`` enforces):
+    every default below is spill-free under every supported Triton, which
+    ``tests/test_compile.py`` enforces; version-dependent entries live in ``kernels.configs``):
     * sm_90: 128-chunk tiles, 8 warps, heads in blocks of 64 (a [128, 64] fp32 accumulator,
       32 registers a thread; 187-255 registers in all); tf32/fp32 hold an fp32 key tile, twice
-      the operand registers, so their heads go in blocks of 32.
+      the operand registers, so their heads go in blocks of 32. Per-layer keys (``shared``
+      False): from Triton 3.7 on, 64-chunk tiles.
     * before Hopper (sm_8x: mma.sync, and on sm_80 the integer e4m3 decode): 64-chunk tiles,
-      4 warps, heads in blocks of 32; 128-chunk tiles or 64-head blocks spill there.
+      4 warps, heads in blocks of 32; 128-chunk tiles or 64-head blocks spill there. Per-layer
+      keys from Triton 3.7 on: 8 warps (4 spill 144 bytes a thread).
     ``capability`` None means the interpreter: the largest tile that fits N (each program is a
-    numpy step; fewer is faster).
+    numpy step; fewer is faster). ``triton_version`` defaults to the installed one.
     """
     if capability is None:
         return dict(BLOCK_N=min(128, max(16, triton.next_power_of_2(max(N, 1)))),
                     BLOCK_H=min(H_pad, 128), num_warps=4, num_stages=1)
     if capability < (9, 0):
-        return dict(BLOCK_N=64, BLOCK_H=min(H_pad, 32), num_warps=4, num_stages=2)
+        cfg = dict(BLOCK_N=64, BLOCK_H=min(H_pad, 32), num_warps=4, num_stages=2)
+        if not shared:
+            cfg.update(configs.pick(configs.DENSE_PER_LAYER_SM80, triton_version))
+        return cfg
     block_h = 32 if precision in ("tf32", "fp32") else 64
-    return dict(BLOCK_N=128, BLOCK_H=min(H_pad, block_h), num_warps=8, num_stages=2)
+    cfg = dict(BLOCK_N=128, BLOCK_H=min(H_pad, block_h), num_warps=8, num_stages=2)
+    if not shared:
+        cfg.update(configs.pick(configs.DENSE_PER_LAYER_SM90, triton_version))
+    return cfg
 
 
 def autotune_configs():
@@ -299,7 +310,7 @@ def fused_score_launch(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Ten
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B)  # noqa: E731
         kernel[grid](*args, **common)
     else:
-        cfg = launch_config(N, H_pad, precision, _device.capability(device))
+        cfg = launch_config(N, H_pad, precision, _device.capability(device), shared)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), B)
         fused_score_kernel[grid](*args, **common, **cfg)
     return scores, logits

@@ -1,0 +1,56 @@
+"""Launch parameters that depend on the installed Triton version: the one table for launchers,
+``kernels.aot`` and the compile tests.
+
+The same kernel source and launch parameters allocate registers differently from one Triton
+release to the next (e.g. the per-layer-keys scorer at 128-chunk tiles and 8 warps on sm_90 fits
+in 255 registers with Triton 3.6.0 but spills 48 bytes a thread with 3.9.0). Every supported
+version is compiled by ``tests/test_compile.py`` with the parameters this table gives it, so a
+version outside ``SUPPORTED`` is refused by ``pyproject.toml`` rather than guessed at.
+
+Keyed by the parsed ``triton.__version__`` (major, minor), never by the GPU's name: the GPU
+enters only as the compute capability the launcher already uses.
+"""
+
+from __future__ import annotations
+
+import re
+
+import triton
+
+# Oldest and newest tested releases (pyproject.toml: triton>=3.6,<3.10). 3.6.0 is what torch
+# 2.11 pins on the H100/H200 machines; 3.9.0 is the newest, what a fresh CPU install gets.
+OLDEST, NEWEST = (3, 6), (3, 9)
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """``"3.9.0"``, ``"3.6.0+git1234"`` -> ``(3, 9)``."""
+    m = re.match(r"(\d+)\.(\d+)", text)
+    if not m:
+        raise ValueError(f"unrecognized triton version {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def installed() -> tuple[int, int]:
+    return parse_version(triton.__version__)
+
+
+def register_hungry(version: tuple[int, int] | None = None) -> bool:
+    """True from Triton 3.7 on: its register allocation of the scorers needs smaller tiles
+    where 3.6 fit (measured with 3.9.0: see ``DENSE_PER_LAYER_SM90`` and ``PAGED_BF16_SHARED``)."""
+    return (version or installed()) >= (3, 7)
+
+
+# Dense scorer, per-layer keys, sm_90 (the runtime layer loop): 3.6 fits 128-chunk tiles (255
+# registers); from 3.7 those spill 32-48 bytes a thread in bf16/tf32/fp8, 64-chunk tiles at 8
+# warps fit (bf16 168 registers, fp8 157, tf32 192 with 3.9.0).
+DENSE_PER_LAYER_SM90 = {"3.6": dict(BLOCK_N=128), "3.7+": dict(BLOCK_N=64)}
+# Dense scorer, per-layer keys, sm_80 (integer e4m3 decode, 64-chunk tiles): from 3.7, 4 warps
+# spill 144 bytes a thread; 8 warps fit (255 registers with 3.9.0, bf16 and fp8).
+DENSE_PER_LAYER_SM80 = {"3.6": dict(num_warps=4), "3.7+": dict(num_warps=8)}
+# Batched paged scorer, bf16, one shared pool, sm_90: 64-head blocks spill 72 bytes from 3.7
+# (255 registers); 32-head blocks fit (203 with 3.9.0).
+PAGED_BF16_SHARED = {"3.6": dict(BLOCK_H=64), "3.7+": dict(BLOCK_H=32)}
+
+
+def pick(table: dict, version: tuple[int, int] | None = None) -> dict:
+    return dict(table["3.7+" if register_hungry(version) else "3.6"])
