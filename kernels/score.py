@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from flashmemory_triton import constants as C
-
 from flashmemory_triton.utils import _device
 
 from . import configs
