@@ -36,7 +36,7 @@ def installed() -> tuple[int, int]:
 
 def register_hungry(version: tuple[int, int] | None = None) -> bool:
     """True from Triton 3.7 on: its register allocation of the scorers needs smaller tiles
-    where 3.6 fit (measured with 3.9.0: see ``DENSE_PER_LAYER_SM90`` and ``PAGED_BF16_SHARED``)."""
+    where 3.6 fit (measured with 3.9.0: see ``DENSE_PER_LAYER_SM90``)."""
     return (version or installed()) >= (3, 7)
 
 
@@ -44,12 +44,6 @@ def register_hungry(version: tuple[int, int] | None = None) -> bool:
 # registers); from 3.7 those spill 32-48 bytes a thread in bf16/tf32/fp8, 64-chunk tiles at 8
 # warps fit (bf16 168 registers, fp8 157, tf32 192 with 3.9.0).
 DENSE_PER_LAYER_SM90 = {"3.6": dict(BLOCK_N=128), "3.7+": dict(BLOCK_N=64)}
-# Dense scorer, per-layer keys, sm_80 (integer e4m3 decode, 64-chunk tiles): from 3.7, 4 warps
-# spill 144 bytes a thread; 8 warps fit (255 registers with 3.9.0, bf16 and fp8).
-DENSE_PER_LAYER_SM80 = {"3.6": dict(num_warps=4), "3.7+": dict(num_warps=8)}
-# Batched paged scorer, bf16, one shared pool, sm_90: 64-head blocks spill 72 bytes from 3.7
-# (255 registers); 32-head blocks fit (203 with 3.9.0).
-PAGED_BF16_SHARED = {"3.6": dict(BLOCK_H=64), "3.7+": dict(BLOCK_H=32)}
 
 
 def pick(table: dict, version: tuple[int, int] | None = None) -> dict:

@@ -55,7 +55,6 @@ from flashmemory_triton import constants as C
 from flashmemory_triton.paged import PAGED_LAYER_UNIT, VARLEN_LAYER_UNIT, KeyBuffers  # noqa: F401
 from flashmemory_triton.utils import _device
 
-from . import configs
 from ._alloc import alloc_output
 from .score import _ensemble_init, _layer_into_ensemble, _load_key_tile_at, launch_config
 
@@ -257,8 +256,8 @@ def batched_launch_config(max_chunks: int, H_pad: int, precision: str,
     tf32/fp32 (fp32 key tiles) and varlen rows (4-byte loads of 132-byte rows) take 64-chunk
     tiles, 64-head blocks, 8 warps. Before Hopper: 64-chunk tiles, 16-head blocks, 8 warps
     (4 warps, or 32-head blocks with 128 requests, spill with per-layer pools on sm_80).
-    From Triton 3.7 on, paged bf16 with one shared pool takes 32-head blocks on sm_90
-    (``kernels.configs.PAGED_BF16_SHARED``). Interpreter: ``score.launch_config``."""
+    Paged bf16 with one shared pool takes 32-head blocks on sm_90. Interpreter:
+    ``score.launch_config``."""
     cfg = {**launch_config(max_chunks, H_pad, precision, capability), "num_stages": 1}
     if capability is None:
         return cfg
@@ -267,7 +266,7 @@ def batched_launch_config(max_chunks: int, H_pad: int, precision: str,
     elif not (paged and precision in ("bf16", "fp8")):
         cfg.update(BLOCK_N=64, BLOCK_H=min(H_pad, 64), num_warps=8)
     elif precision == "bf16" and shared:
-        cfg.update({k: min(H_pad, v) for k, v in configs.pick(configs.PAGED_BF16_SHARED).items()})
+        cfg.update(BLOCK_H=min(H_pad, 32))  # 64-head blocks spill 48-72 bytes (3.6 and 3.9)
     return cfg
 
 

@@ -233,8 +233,8 @@ def launch_config(N: int, H_pad: int, precision: str,
       the operand registers, so their heads go in blocks of 32. Per-layer keys (``shared``
       False): from Triton 3.7 on, 64-chunk tiles.
     * before Hopper (sm_8x: mma.sync, and on sm_80 the integer e4m3 decode): 64-chunk tiles,
-      4 warps, heads in blocks of 32; 128-chunk tiles or 64-head blocks spill there. Per-layer
-      keys from Triton 3.7 on: 8 warps (4 spill 144 bytes a thread).
+      4 warps (8 with per-layer keys), heads in blocks of 32; 128-chunk tiles or 64-head
+      blocks spill there.
     ``capability`` None means the interpreter: the largest tile that fits N (each program is a
     numpy step; fewer is faster). ``triton_version`` defaults to the installed one.
     """
@@ -242,10 +242,9 @@ def launch_config(N: int, H_pad: int, precision: str,
         return dict(BLOCK_N=min(128, max(16, triton.next_power_of_2(max(N, 1)))),
                     BLOCK_H=min(H_pad, 128), num_warps=4, num_stages=1)
     if capability < (9, 0):
-        cfg = dict(BLOCK_N=64, BLOCK_H=min(H_pad, 32), num_warps=4, num_stages=2)
-        if not shared:
-            cfg.update(configs.pick(configs.DENSE_PER_LAYER_SM80, triton_version))
-        return cfg
+        # per-layer keys: 8 warps (4 spill 8-144 bytes a thread with Triton 3.6 and 3.9)
+        return dict(BLOCK_N=64, BLOCK_H=min(H_pad, 32), num_warps=4 if shared else 8,
+                    num_stages=2)
     block_h = 32 if precision in ("tf32", "fp32") else 64
     cfg = dict(BLOCK_N=128, BLOCK_H=min(H_pad, block_h), num_warps=8, num_stages=2)
     if not shared:
