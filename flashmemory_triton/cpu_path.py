@@ -29,7 +29,7 @@ materializes fp32 ``[B, N, H]`` products once per layer):
   is one of a few buffers reused across blocks, so memory beyond the outputs is bounded
   whatever N and B: scores ``[B, N]`` (and ``[L, B, N]`` logits when asked for), 5 bytes a
   chunk per key buffer for the scales and the non-finite mask, plus
-  :func:`workspace_bytes` (``block_chunks * (6 D + 4 L H)``, 38 MB at the default);
+  :func:`workspace_bytes` (``block_chunks * (6 D + 4 L H)``, 19 MB at the default);
 * the non-finite check reads each key buffer once (:func:`chunk_masks`), not once per layer;
 * every torch op runs on torch's intra-op thread pool (``torch.get_num_threads()``).
 
@@ -51,13 +51,14 @@ from . import reference as ref
 __all__ = ["DEFAULT_BLOCK_CHUNKS", "score_prepared_cpu", "query_side", "chunk_masks",
            "decode_block", "decode_keys", "workspace_bytes"]
 
-# Chunks per block: the block's temporaries (about 2.3 KB a chunk at L*H = 384, 38 MB a block)
+# Chunks per block: the block's temporaries (about 2.3 KB a chunk at L*H = 384, 19 MB a block)
 # stay in the last-level cache. Every op is one barrier of torch's thread pool, about 10 a block;
 # on a loaded machine (OpenMP threads spinning at barriers, descheduled) a barrier costs
-# milliseconds, so fewer, larger blocks win: measured on the project's 2-core Xeon under load,
-# N = 65536, 2048 / 4096 / 8192 / 16384 chunks took 6.1 / 3.2 / 1.8 / 1.5 s with the default
-# OpenMP wait policy and 0.29 / 0.26 / 0.25 / 0.27 s with OMP_WAIT_POLICY=PASSIVE.
-DEFAULT_BLOCK_CHUNKS = 16384
+# milliseconds, so fewer, larger blocks win there: measured on the project's 2-core Xeon under
+# load, N = 65536, 2048 / 4096 / 8192 / 16384 chunks took 6.1 / 3.2 / 1.8 / 1.5 s with the
+# default OpenMP wait policy and 0.29 / 0.26 / 0.25 / 0.27 s with OMP_WAIT_POLICY=PASSIVE; at
+# B = 8, N = 262144 16384-chunk blocks (38 MB) ran about 2x slower than 4096 in one run.
+DEFAULT_BLOCK_CHUNKS = 8192
 
 # e4m3 byte b shifted into the HIGH byte of an int16, shifted right by one (arithmetic, which
 # copies the sign into bit 14) and masked with 0xBF80 (clearing it again) is the float16 with
@@ -66,7 +67,6 @@ DEFAULT_BLOCK_CHUNKS = 16384
 # int8(b) * 128 & 0xBF80.)
 _FP16_MASK = 0xBF80 - 0x10000  # as a signed int16
 _FP16_TO_E4M3 = 256.0  # 2**8, exact
-_E4M3_MAX_AS_FP16 = C.FP8_E4M3_MAX / _FP16_TO_E4M3  # 1.75; the NaN bytes decode to +-1.875
 
 
 class _Workspace:
