@@ -102,6 +102,9 @@ def prepare_queries(q_proj: torch.Tensor, w: torch.Tensor, positions: torch.Tens
     precision = _resolve_precision(precision)
     backend = resolve_backend(backend, q_proj.device)
     rows = ref.freqs_cis_at(positions, max_position, rope_freqs)
+    # Elementwise ops keep their input's strides, so a strided q_proj would reach the scorers'
+    # matmuls strided and could round differently: one small copy makes the answer layout-free.
+    q_proj, w = V.dense(q_proj), V.dense(w)
     if backend in ("torch", "cpu"):  # the reference's query side, bit for bit
         q = torch.stack([ref.prepare_query(q_proj[l], rows) for l in range(L)])
         w = w.float()

@@ -64,7 +64,9 @@ def chunk_scales(compressed_k: torch.Tensor, head_dim: int = C.HEAD_DIM) -> torc
     raw = compressed_k[..., head_dim:head_dim + C.SCALE_BYTES]
     if raw.numel() == 0:  # no chunks: empty tensors count as contiguous with any strides
         return torch.empty(raw.shape[:-1], dtype=torch.float32, device=raw.device)
-    if not raw.is_contiguous() or raw.storage_offset() % C.SCALE_BYTES:
+    # .view(float32) needs every stride (size-1 dims' too) and the offset divisible by 4.
+    if any(st % C.SCALE_BYTES for st in raw.stride()[:-1]) or raw.stride(-1) != 1 \
+            or raw.storage_offset() % C.SCALE_BYTES:
         raw = raw.clone(memory_format=torch.contiguous_format)
     return raw.view(torch.float32)[..., 0]
 

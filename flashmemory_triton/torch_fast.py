@@ -77,6 +77,7 @@ def score_prepared_fast(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Te
         raise ValueError(f"w must be [L={L}, B={B}, H={H}] to match q, got {V.describe(w)}")
     V.same_device(q.device, w=w)
     _check_keys(compressed_k, L, B, q.device)
+    q, w = V.dense(q), V.dense(w)  # strided operands could take another matmul path
 
     dtype = _COMPUTE_DTYPES[precision]
     shared = compressed_k.dim() == 3
@@ -104,7 +105,9 @@ def score_prepared_fast(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Te
     for n0 in range(0, N, block):
         n1 = min(N, n0 + block)
         rows_k = keys[:, :, n0:n1]
-        k8 = rows_k[..., :C.HEAD_DIM].view(torch.float8_e4m3fn).to(dtype)  # [G, B, n, D], exact
+        # [G, B, n, D], exact; row-major whatever the keys' layout, so the matmul rounds alike
+        k8 = rows_k[..., :C.HEAD_DIM].view(torch.float8_e4m3fn).to(
+            dtype, memory_format=torch.contiguous_format)
         scale = ref.chunk_scales(rows_k)  # [G, B, n], any byte offset
         # Chunks last, so the head-weighted sum below is a plain batched matmul.
         dots = torch.matmul(q_c, k8.transpose(-1, -2))  # [G, B, rows, n]

@@ -183,7 +183,8 @@ RETRIEVER_FAULTS = {
                   lambda a: a.update(compressed_k=a["compressed_k"].view(torch.int8))),
     "keys-width": ("compressed_k", lambda a: a.update(compressed_k=a["compressed_k"][..., :-4])),
     "keys-batch": ("compressed_k", lambda a: a.update(compressed_k=torch.cat(
-        [a["compressed_k"], a["compressed_k"][..., :1, :, :]], dim=-3))),
+        [a["compressed_k"], a["compressed_k"].new_zeros(
+            *a["compressed_k"].shape[:-3], 1, *a["compressed_k"].shape[-2:])], dim=-3))),
     "keys-meta": ("compressed_k|meta",
                   lambda a: a.update(compressed_k=a["compressed_k"].to("meta"))),
     "pos-float": ("positions", lambda a: a.update(positions=a["positions"].float())),
