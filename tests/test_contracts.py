@@ -612,3 +612,79 @@ def test_offload_engine_keeps_the_contract(case, launches):
     assert same(snapshot(a), snapshot(b)), "a relayout payload or mask changed the engine's state"
     assert same(snapshot(args["payload"], args["mask"]), state)
     a.check_consistency()
+
+
+# --- converters and small helpers ---------------------------------------------------------------
+def _converters(a):
+    """Every format converter and small public helper on the arguments ``a``."""
+    from flashmemory_triton import dequant_compressed_k, topk_mask
+    from flashmemory_triton.selection import engine_page_ids, pages_from_mask
+    out = dict(dequant=dequant_compressed_k(a["rows"]),
+               pages=P.rows_to_pages(a["rows"]),
+               back=P.pages_to_rows(a["pages"], a["n"]),
+               varlen_rows=P.varlen_to_rows(a["varlen"], a["cu_chunks"]),
+               unpacked=P.unpack_varlen(a["varlen"], a["cu_chunks"]),
+               topk=topk_mask(a["scores"], a["top_k"]),
+               page_mask=pages_from_mask(a["mask"], a["page_size"]),
+               engine=engine_page_ids(a["page_ids"], a["page_table"]))
+    return out
+
+
+CONVERTER_FAULTS = {
+    "rows-int8": ("compressed_k|rows", lambda a: a.update(rows=a["rows"].view(torch.int8))),
+    "rows-width": ("compressed_k|rows", lambda a: a.update(rows=a["rows"][..., :-1])),
+    "pages-width": ("pages", lambda a: a.update(pages=a["pages"][..., :-1])),
+    "pages-n": ("n_chunks", lambda a: a.update(n=10 ** 6)),
+    "varlen-float": ("keys", lambda a: a.update(varlen=a["varlen"].float())),
+    "cu-beyond": ("cu_chunks", lambda a: a.update(cu_chunks=a["cu_chunks"] + 10 ** 4)),
+    "top-k": ("top_k", lambda a: a.update(top_k=-2)),
+    "mask-int": ("mask", lambda a: a.update(mask=a["mask"].int())),
+    "page-size": ("page_size", lambda a: a.update(page_size=0)),
+    "page-table-float": ("page_table", lambda a: a.update(page_table=a["page_table"].float())),
+    "page-ids-past": ("page_table|pages", lambda a: a.update(page_ids=a["page_ids"] + 10 ** 3)),
+}
+
+
+@st.composite
+def converter_cases(draw):
+    N, P_ = draw(st.integers(0, 130)), draw(st.integers(1, 3))
+    return dict(N=N, P=P_, B=draw(st.integers(1, 3)), lead=draw(st.sampled_from([(), (2,)])),
+                seed=draw(st.integers(0, 2 ** 31 - 1)), top_k=draw(st.integers(0, 6)),
+                page_size=draw(st.integers(1, 9)), lr=draw(layouts(3)), lpg=draw(layouts(2)),
+                lv=draw(layouts(2)), ls=draw(layouts(2)), lm=draw(layouts(2)),
+                lt=draw(layouts(2)), li=draw(layouts(2)),
+                fault=draw(st.none() | st.sampled_from(list(CONVERTER_FAULTS))))
+
+
+@contract(40)
+@given(case=converter_cases())
+def test_converters_and_helpers_keep_the_contract(case, launches):
+    g = torch.Generator().manual_seed(case["seed"])
+    B, N = case["B"], case["N"]
+    rows = _keys((2, N), g, raw=True)
+    pages = torch.randint(0, 256, (case["P"], C.PAGE_BYTES), dtype=torch.uint8, generator=g)
+    lengths = torch.randint(0, 5, (B,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    varlen = _keys((int(cu[-1]),), g, raw=True)
+    scores = torch.rand(B, N, generator=g)
+    mask = torch.rand(B, N, generator=g) < 0.3
+    table = torch.randint(0, 50, (B, 4), generator=g, dtype=torch.int32)
+    ids = torch.randint(-1, 4, (B, 3), generator=g)
+    canon = dict(rows=rows, pages=pages, n=min(N, 64 * case["P"]), varlen=varlen, cu_chunks=cu,
+                 scores=scores, top_k=case["top_k"], mask=mask, page_size=case["page_size"],
+                 page_table=table, page_ids=ids)
+    args = dict(canon, rows=relayout(rows, case["lr"]), pages=relayout(pages, case["lpg"]),
+                varlen=relayout(varlen, case["lv"]), scores=relayout(scores, case["ls"]),
+                mask=relayout(mask, case["lm"]), page_table=relayout(table, case["lt"]),
+                page_ids=relayout(ids, case["li"]))
+    names = ("rows", "pages", "varlen", "cu_chunks", "scores", "mask", "page_table", "page_ids")
+    tensors = lambda: [args[k] for k in names]  # noqa: E731
+    if case["fault"] is not None:
+        name, mutate = CONVERTER_FAULTS[case["fault"]]
+        mutate(args)
+        refused(lambda: _converters(args), name.split("|"), launches, snapshot(*tensors()),
+                *tensors())
+        return
+    state = snapshot(*tensors())
+    assert same(_converters(args), _converters(canon))
+    assert same(snapshot(*tensors()), state)
