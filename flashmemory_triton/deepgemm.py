@@ -339,7 +339,7 @@ def _paged_torch(q, kv_cache, P, stride, w, lens, table, width):
     fp8 = pages[:, :BLOCK_KV * D].reshape(-1, BLOCK_KV, D).view(_FP8)
     scale = pages[:, BLOCK_KV * D:].contiguous().view(torch.float32)  # [P, 64]
     ids = table.to(torch.int64)
-    valid = (ids >= 0) & (ids < max(P, 1))
+    valid = (ids >= 0) & (ids < P)  # P = 0: no page is valid (the stand-in page is never read)
     ids = torch.where(valid, ids, torch.zeros_like(ids))
     lens = lens.to(torch.int64).clamp(0, cols).view(B, next_n)
     j = torch.arange(cols, device=q.device)

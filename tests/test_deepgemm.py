@@ -654,3 +654,25 @@ def test_schedule_any_nondecreasing():
     with pytest.raises(ValueError, match="schedule_meta"):
         dg.fp8_paged_mqa_logits(q8, cache, w, ctx, table, torch.zeros(1, 2, dtype=torch.int32),
                                 192)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_page_ids_outside_the_pool_give_nan(backend):
+    """A key whose page id is outside ``[0, P)`` is never read: its logit is NaN on both
+    paths (the kernel's policy), never a plausible number; an empty pool (P = 0) included."""
+    gen = torch.Generator().manual_seed(41)
+    H, width = 32, 128
+    q8, w = fp8_q(2, 1, H, D, gen=gen), torch.randn(2, H, generator=gen)
+    ctx = torch.tensor([[100], [70]], dtype=torch.int32)
+    meta = dg.get_paged_mqa_logits_metadata(ctx, 64, 2)
+    for P, table in ((3, [[1, 3], [-1, 0]]), (0, [[0, 0], [0, 1]])):
+        cache = torch.zeros(P, 64, 1, 132, dtype=torch.uint8)  # zero keys: logits 0 if read
+        tab = torch.tensor(table, dtype=torch.int32)
+        got = dg.fp8_paged_mqa_logits(q8, cache, w, ctx, tab, meta, width, True,
+                                      backend=backend)
+        j = torch.arange(width)[None]
+        page_ok = torch.tensor([[1 < P, 3 < P], [False, 0 < P]])
+        ok = page_ok.gather(1, (j // 64).expand(2, -1)) & (j < ctx)
+        bad = ~ok & (j < ctx)
+        assert torch.isnan(got[bad]).all(), f"P={P}: a key of a missing page was not NaN"
+        assert (got[ok] == 0).all() and (got[j.expand(2, -1) >= ctx] == float("-inf")).all()
