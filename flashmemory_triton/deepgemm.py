@@ -1,5 +1,6 @@
 """A drop-in for DeepGEMM's indexer-logits API (``deep_gemm.fp8_mqa_logits``,
-``get_paged_mqa_logits_metadata``, ``fp8_paged_mqa_logits``), on every GPU Triton supports.
+``get_paged_mqa_logits_metadata``, ``fp8_paged_mqa_logits``, and ``get_num_sms`` that engines
+call to size the schedule), on every GPU Triton supports.
 
 Same signatures, argument meanings, shapes, dtypes, defaults and output conventions as
 DeepGEMM's Python API (its legacy fp8 entry points), computed by this package's scorer with
@@ -46,7 +47,8 @@ import torch
 from . import _validate as V
 from . import constants as C
 
-__all__ = ["fp8_mqa_logits", "fp8_paged_mqa_logits", "get_paged_mqa_logits_metadata"]
+__all__ = ["fp8_mqa_logits", "fp8_paged_mqa_logits", "get_num_sms",
+           "get_paged_mqa_logits_metadata"]
 
 BLOCK_KV = C.PAGE_CHUNKS  # the only paged block size (keys per page)
 _FP8 = torch.float8_e4m3fn
@@ -182,6 +184,20 @@ def _mqa_torch(q, k8, ks, w, lo, hi, width, absolute, rows_per_step: int = 64):
 
 
 # --- paged -------------------------------------------------------------------------------------
+CPU_NUM_SMS = 4  # the schedule's share count off the GPU (several: the walk is exercised)
+
+
+def get_num_sms() -> int:
+    """The SM count engines pass to :func:`get_paged_mqa_logits_metadata` (DeepGEMM's
+    ``get_num_sms()``, which serving engines call next to it): the current CUDA device's
+    multiprocessor count, or ``CPU_NUM_SMS`` without a GPU (queried per call, never at
+    import)."""
+    from .utils import _device
+    if not _device.cuda_available():
+        return CPU_NUM_SMS
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms: int,
                                   indices: torch.Tensor | None = None) -> torch.Tensor:
     """The paged kernel's schedule: int32 ``[num_sms + 1, 2]``, row ``i`` = (query row,

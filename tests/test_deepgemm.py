@@ -676,3 +676,14 @@ def test_paged_page_ids_outside_the_pool_give_nan(backend):
         bad = ~ok & (j < ctx)
         assert torch.isnan(got[bad]).all(), f"P={P}: a key of a missing page was not NaN"
         assert (got[ok] == 0).all() and (got[j.expand(2, -1) >= ctx] == float("-inf")).all()
+
+
+def test_get_num_sms_builds_a_schedule(device):
+    """DeepGEMM's ``get_num_sms()`` (engines call it to size the schedule) exists and gives a
+    schedule of that many shares: the device's SM count on CUDA, a few shares otherwise."""
+    n = dg.get_num_sms()
+    assert isinstance(n, int) and n >= 1
+    if device.type == "cuda":
+        assert n == torch.cuda.get_device_properties(device).multi_processor_count
+    ctx = torch.tensor([[70], [130]], dtype=torch.int32, device=device)
+    assert dg.get_paged_mqa_logits_metadata(ctx, 64, n).shape == (n + 1, 2)
