@@ -422,12 +422,18 @@ def _varlen_list(keys) -> list[torch.Tensor]:
     return list(keys)
 
 
-def _resolve_max_chunks(max_chunks, default: int, what: str) -> int:
+def _resolve_max_chunks(max_chunks, default: int, what: str, lanes: int = 1) -> int:
+    """``max_chunks`` checked, or ``default``. ``lanes`` (layers x requests) padded rows of
+    ``max_chunks`` 132-byte chunks must stay addressable (int64 bytes): past that torch's own
+    allocation would fail with an overflow, after the query kernel on the Triton backend."""
     if max_chunks is None:
         return default
     if isinstance(max_chunks, bool) or not isinstance(max_chunks, int) or max_chunks < 0:
         raise ValueError(f"max_chunks must be a non-negative int (default: {what}), "
                          f"got {max_chunks!r}")
+    if max(lanes, 1) * max_chunks * C.CHUNK_BYTES >= 2 ** 63:
+        raise ValueError(f"max_chunks = {max_chunks} is too large: {max(lanes, 1)} padded rows "
+                         f"of that many {C.CHUNK_BYTES}-byte chunks exceed 2**63 bytes")
     return max_chunks
 
 
@@ -473,7 +479,7 @@ def _check_cu(cu_chunks, device) -> int:
     return cu_chunks.shape[0] - 1
 
 
-def _varlen_lengths(cu_chunks, rows: int, max_chunks: int | None):
+def _varlen_lengths(cu_chunks, rows: int, max_chunks: int | None, lanes: int = 1):
     """int64 ``cu``, the lengths ``n [B]`` and the output width ``M`` (``max_chunks``, or the
     longest request: a host sync), after the value checks: a request longer than ``M`` is
     refused on every backend, never truncated."""
@@ -482,7 +488,7 @@ def _varlen_lengths(cu_chunks, rows: int, max_chunks: int | None):
     if max_chunks is None:
         M = max(int(n.max()), 0) if n.numel() else 0  # host sync
     else:
-        M = _resolve_max_chunks(max_chunks, 0, "the longest request")
+        M = _resolve_max_chunks(max_chunks, 0, "the longest request", lanes)
     _check_cu_values(cu_chunks, rows, M)
     return cu, n, M
 

@@ -191,7 +191,7 @@ def check_paged(pools, page_table, n_chunks, max_chunks, L: int, B: int, device,
     Bt, width = _check_table(page_table, n_chunks, device)
     if Bt != B:
         raise ValueError(f"page_table has {Bt} requests but {queries} have B={B}")
-    M = _resolve_max_chunks(max_chunks, width * C.PAGE_CHUNKS, "64 * page_table.shape[1]")
+    M = _resolve_max_chunks(max_chunks, width * C.PAGE_CHUNKS, "64 * page_table.shape[1]", L * B)
     _check_paged_values(page_table, n_chunks, limit, M)
     # The lengths the kernel uses (clamped as it clamps them), a fresh tensor: never an alias
     # of the caller's n_chunks.
@@ -208,7 +208,7 @@ def check_varlen(keys, cu_chunks, max_chunks, L: int, B: int, device,
     if Bc != B:
         raise ValueError(f"cu_chunks describes {Bc} requests (shape {tuple(cu_chunks.shape)}) "
                          f"but {queries} have B={B}")
-    _, n64, M = _varlen_lengths(cu_chunks, rows_avail, max_chunks)
+    _, n64, M = _varlen_lengths(cu_chunks, rows_avail, max_chunks, L * B)
     return bufs, rows_avail, M, n64
 
 

@@ -580,6 +580,11 @@ PAGED_BAD = [
      "max_chunks = 10"),
     ("max-chunks-bool", lambda b: (b["pools"], b["table"], b["n"], {"max_chunks": True}), ValueError,
      "max_chunks must be"),
+    # Past int64 / too large to allocate: refused by name, not a torch overflow after a launch.
+    ("max-chunks-2**64", lambda b: (b["pools"], b["table"], b["n"], {"max_chunks": 2 ** 64}),
+     ValueError, "max_chunks = 18446744073709551616 is too large"),
+    ("max-chunks-2**60", lambda b: (b["pools"], b["table"], b["n"], {"max_chunks": 2 ** 60}),
+     ValueError, "max_chunks = 1152921504606846976 is too large"),
 ]
 
 VARLEN_BAD = [
@@ -596,6 +601,10 @@ VARLEN_BAD = [
      r"keys\[0\].*uint8"),
     ("max-chunks-short", lambda b: (b["keys"], b["cu"], {"max_chunks": 10}), ValueError,
      "shorter than the longest"),
+    ("max-chunks-2**64", lambda b: (b["keys"], b["cu"], {"max_chunks": 2 ** 64}), ValueError,
+     "max_chunks = 18446744073709551616 is too large"),
+    ("max-chunks-2**60", lambda b: (b["keys"], b["cu"], {"max_chunks": 2 ** 60}), ValueError,
+     "max_chunks = 1152921504606846976 is too large"),
 ]
 
 
