@@ -158,9 +158,16 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
                              lo=cu_seq_len_k_start.contiguous(), hi=cu_seq_len_k_end.contiguous())
 
 
+# The torch path's [rows, H, N] fp32 scores per step stay under this (DeepGEMM's reference
+# bounds its score chunk the same way): 64 rows at H = 64, N = 65536 would be 1 GiB.
+TORCH_SCORE_BYTES = 256 << 20
+
+
 def _mqa_torch(q, k8, ks, w, lo, hi, width, absolute, rows_per_step: int = 64):
     """Torch path: dequantized keys, the head-weighted ReLU sum, then the range mask."""
     M, N = q.shape[0], k8.shape[0]
+    per_row = 4 * q.shape[1] * max(N, 1)
+    rows_per_step = max(1, min(rows_per_step, TORCH_SCORE_BYTES // per_row))
     k = k8.float() * ks[:, None]
     lo = lo.to(torch.int64).clamp(0, N)
     hi = torch.maximum(hi.to(torch.int64).clamp(0, N), lo)

@@ -687,3 +687,26 @@ def test_get_num_sms_builds_a_schedule(device):
         assert n == torch.cuda.get_device_properties(device).multi_processor_count
     ctx = torch.tensor([[70], [130]], dtype=torch.int32, device=device)
     assert dg.get_paged_mqa_logits_metadata(ctx, 64, n).shape == (n + 1, 2)
+
+
+@pytest.mark.parametrize("budget_rows", [1, 4])
+def test_mqa_torch_rows_in_steps(monkeypatch, budget_rows):
+    """The torch path scores rows in steps bounded by ``TORCH_SCORE_BYTES`` (here forced to
+    1 and 4 rows of ``[H, N]`` scores): every step's rows and ranges land in their own output
+    rows, absolute and compressed, as in one step."""
+    gen = torch.Generator().manual_seed(51)
+    N, M, H = 150, len(KS), 32
+    monkeypatch.setattr(dg, "TORCH_SCORE_BYTES", budget_rows * 4 * H * N)
+    q8, w = fp8_q(M, H, D, gen=gen), torch.randn(M, H, generator=gen)
+    k8, s = fp8_keys(N, gen)
+    ks, ke = torch.tensor(KS, dtype=torch.int32), torch.tensor(KE, dtype=torch.int32)
+    full, mag = ref_full(q8, k8, s, w)
+    lo, hi = ks.clamp(0, N).long(), ke.clamp(0, N).long()
+    got = dg.fp8_mqa_logits(q8, (k8, s), w, ks, ke, backend="torch")
+    j = torch.arange(N)
+    assert_rows(got, full, mag, (j[None] >= lo[:, None]) & (j[None] < hi[:, None]), True, H)
+    got = dg.fp8_mqa_logits(q8, (k8, s), w, ks, ke, False, 40, backend="torch")
+    j = torch.arange(40)
+    src = (lo[:, None] + j[None]).clamp(max=N - 1)
+    assert_rows(got, full.gather(1, src), mag.gather(1, src),
+                j[None] < (hi - lo).clamp_min(0)[:, None], False, H)
