@@ -150,7 +150,15 @@ class ChunkHistory:
     def _counts(self, counts, n: int) -> torch.Tensor:
         if counts is None:
             return torch.full((self.batch,), n, dtype=torch.int64)
-        counts = torch.as_tensor(counts)
+        try:
+            counts = torch.as_tensor(counts)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            # A list torch cannot hold: ints past int64 are out of range, anything else is no int.
+            if isinstance(counts, (list, tuple)) and all(
+                    isinstance(c, int) and not isinstance(c, bool) for c in counts):
+                raise ValueError(f"counts must be in [0, n={n}] (the rows given), "
+                                 f"got {list(counts)}") from None
+            raise TypeError(f"counts must be integers, got {counts!r}") from None
         if counts.dtype not in V._INT_DTYPES:
             raise TypeError(f"counts must be integers, got {V.describe(counts)}")
         counts = counts.to("cpu", torch.int64)
@@ -221,6 +229,9 @@ class OffloadEngine:
                                     pin_memory=pin_memory, capacity=capacity)
         self.batch, self.page_size, self.row_bytes = batch, page_size, row_bytes
         self.n_cells = reserve_pages
+        if reserve_pages * page_size * row_bytes >= 2 ** 63:  # past what torch can allocate
+            raise ValueError(f"reserve_pages = {reserve_pages} is too large: {reserve_pages} x "
+                             f"{page_size} chunks x {row_bytes} bytes pass 2**63 bytes")
         self.retain_unselected = bool(retain_unselected)
         self.reserve = torch.zeros(reserve_pages, page_size, row_bytes, dtype=torch.uint8,
                                    device=self.device)

@@ -261,6 +261,9 @@ def select_resident(scores: torch.Tensor, *, mode: str, n_chunks=None,
     elif top_k is not None:
         raise ValueError(f"top_k applies to mode='topk' only, got mode={mode!r}")
     B, N = scores.shape
+    if mode == "page" and B * max_pages * 8 >= _INT64_LIMIT:  # pages: int64 [B, max_pages]
+        raise ValueError(f"max_pages = {max_pages} is too large: the pages output "
+                         f"[B={B}, max_pages] int64 would pass 2**63 bytes")
     device = scores.device
     page_size_arg = page_size
     if fallback is not None:

@@ -260,6 +260,10 @@ SELECT_ERRORS = [
                  id="fallback-device"),
     pytest.param(dict(scores=torch.zeros(1, 2, 4)), ValueError, "scores.*2 dims", id="scores-3d"),
     pytest.param(dict(scores=[[0.1, 0.2]]), TypeError, "scores.*Tensor", id="scores-list"),
+    # Below 2**63 but the pages output [B, max_pages] int64 cannot be addressed: named, not a
+    # torch storage-size overflow.
+    pytest.param(dict(max_pages=2 ** 62), ValueError, "max_pages = 4611686018427387904 is too large",
+                 id="max-pages-huge"),
 ]
 
 
@@ -286,6 +290,14 @@ ENGINE_ERRORS = [
                  ValueError, "counts must be in", id="counts-negative"),
     pytest.param(lambda e: e.append(torch.zeros(2, 3, 8, dtype=torch.uint8), counts=[1, 2, 3]),
                  ValueError, r"counts must have shape \(2,\)", id="counts-shape"),
+    pytest.param(lambda e: e.append(torch.zeros(2, 3, 8, dtype=torch.uint8), counts=[2 ** 64, 2]),
+                 ValueError, "counts must be", id="counts-past-int64"),
+    pytest.param(lambda e: e.append(torch.zeros(2, 3, 8, dtype=torch.uint8), counts=["a", 2]),
+                 TypeError, "counts must be integers", id="counts-str"),
+    pytest.param(lambda e: OffloadEngine(1, (8,), reserve_pages=2 ** 64), ValueError,
+                 "reserve_pages", id="reserve-past-int64"),
+    pytest.param(lambda e: OffloadEngine(1, (8,), reserve_pages=2 ** 62), ValueError,
+                 "reserve_pages", id="reserve-too-large"),
     pytest.param(lambda e: e.append(torch.zeros(3, 3, 8, dtype=torch.uint8)), ValueError,
                  r"payload must be \[2, n, 8\]", id="append-batch"),
     pytest.param(lambda e: e.append(torch.zeros(2, 8, dtype=torch.uint8)), ValueError, "payload",
