@@ -25,9 +25,9 @@ materializes fp32 ``[B, N, H]`` products once per layer):
 * one fp32 GEMM per block for every layer and head that reads those keys: ``[L*H, D] x [D, n]``
   with shared keys, ``[H, D] x [D, n]`` per layer otherwise;
 * relu in place, then the head-weighted sum as a batched ``[1, H] x [H, n]`` product per layer;
-* the block (``block_chunks`` chunks, about 2.3 KB each) stays in the last-level cache, and every temporary
-  is one of a few buffers reused across blocks, so memory beyond the outputs is bounded
-  whatever N and B: scores ``[B, N]`` (and ``[L, B, N]`` logits when asked for), 5 bytes a
+* the block (``block_chunks`` chunks, about 2.3 KB each) stays in the last-level cache, and
+  every temporary is one of a few buffers reused across blocks, so memory beyond the outputs is
+  bounded whatever N and B: scores ``[B, N]`` (and ``[L, B, N]`` logits when asked for), 5 bytes a
   chunk per key buffer for the scales and the non-finite mask, plus
   :func:`workspace_bytes` (``block_chunks * (6 D + 4 L H)``, 19 MB at the default);
 * the non-finite check reads each key buffer once (:func:`chunk_masks`), not once per layer;
