@@ -94,6 +94,14 @@ def _check_weights(weights, rows: int, H: int, contiguous: bool) -> torch.Tensor
     return weights
 
 
+def _check_width(name: str, width: int, rows: int) -> None:
+    """The float32 output ``[rows, width]`` must be addressable (int64 bytes): past that torch's
+    allocation fails with an overflow that names nothing."""
+    if max(rows, 1) * width * 4 >= 2 ** 63:
+        raise ValueError(f"{name} = {width} is too large: the float32 logits [{rows}, {name}] "
+                         f"would pass 2**63 bytes")
+
+
 def _check_backend(backend: str, device: torch.device) -> str:
     """``"triton"`` where the kernel runs (CUDA, or the interpreter), else the torch path
     (which is also what the package's CPU backend means here)."""
@@ -141,6 +149,7 @@ def fp8_mqa_logits(q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], weigh
                                "cu_seq_len_k_end": cu_seq_len_k_end})
     if isinstance(max_seqlen_k, bool) or not isinstance(max_seqlen_k, int) or max_seqlen_k < 0:
         raise ValueError(f"max_seqlen_k must be a non-negative int, got {max_seqlen_k!r}")
+    _check_width("max_seqlen_k", max_seqlen_k, M)
     if not isinstance(clean_logits, bool):
         raise TypeError(f"clean_logits must be a bool, got {type(clean_logits).__name__}")
     if max_seqlen_k and clean_logits:
@@ -323,6 +332,7 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
     if isinstance(max_context_len, bool) or not isinstance(max_context_len, int) \
             or max_context_len < 0:
         raise ValueError(f"max_context_len must be a non-negative int, got {max_context_len!r}")
+    _check_width("max_context_len", max_context_len, R)
     if not isinstance(clean_logits, bool):
         raise TypeError(f"clean_logits must be a bool, got {type(clean_logits).__name__}")
     lens = row_lengths(context_lens, next_n)

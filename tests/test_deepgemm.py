@@ -150,6 +150,9 @@ def test_mqa_clean_with_max_seqlen_k_refused():
         dg.fp8_mqa_logits(*args, True, 8)
     with pytest.raises(ValueError, match="max_seqlen_k"):
         dg.fp8_mqa_logits(*args, False, -1)
+    for huge in (2 ** 64, 2 ** 62):  # an unaddressable [M, max_seqlen_k] output, named
+        with pytest.raises(ValueError, match=f"max_seqlen_k = {huge} is too large"):
+            dg.fp8_mqa_logits(*args, False, huge)
 
 
 # --- fp8_paged_mqa_logits (decode) ----------------------------------------------------------------
@@ -290,6 +293,8 @@ def _paged_args(**over):
     (dict(block_table=torch.zeros(3, 1, dtype=torch.int32)), ValueError, "block_table"),
     (dict(schedule_meta=torch.zeros(5, 3, dtype=torch.int32)), ValueError, "schedule_meta"),
     (dict(max_context_len=-1), ValueError, "max_context_len"),
+    (dict(max_context_len=2 ** 64), ValueError, "max_context_len = 18446744073709551616 is too"),
+    (dict(max_context_len=2 ** 62), ValueError, "max_context_len = 4611686018427387904 is too"),
     (dict(indices=torch.zeros(5, dtype=torch.int32)), ValueError, "indices"),
 ])
 def test_paged_bad_input(over, exc, match):
