@@ -230,8 +230,8 @@ class OffloadEngine:
         self.batch, self.page_size, self.row_bytes = batch, page_size, row_bytes
         self.n_cells = reserve_pages
         if reserve_pages * page_size * row_bytes >= 2 ** 63:  # past what torch can allocate
-            raise ValueError(f"reserve_pages = {reserve_pages} is too large: {reserve_pages} x "
-                             f"{page_size} chunks x {row_bytes} bytes pass 2**63 bytes")
+            raise ValueError(f"reserve_pages = {reserve_pages} x page_size = {page_size} chunks "
+                             f"x {row_bytes} bytes is too large a reserve (past 2**63 bytes)")
         self.retain_unselected = bool(retain_unselected)
         self.reserve = torch.zeros(reserve_pages, page_size, row_bytes, dtype=torch.uint8,
                                    device=self.device)
