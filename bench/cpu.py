@@ -284,7 +284,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__package__}.cpu",  # as run: repo or installed
+                                description=__doc__.split("\n")[0])
     p.add_argument("--n", type=_ints, default=DEFAULT_N, help="chunks, e.g. 4K,64K,256K")
     p.add_argument("--batch", type=_ints, default=DEFAULT_BATCH, help="batch sizes, e.g. 1,8")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median), default 3")

@@ -94,6 +94,12 @@ def test_bench_entry_points(capsys):
     proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: python -m bench" in proc.stdout, proc.stderr
+    # The installed CPU bench names itself as it was run (not a repo-root-only command).
+    from flashmemory_triton.bench import cpu
+    with pytest.raises(SystemExit) as exc:
+        cpu.main(["--help"])
+    assert exc.value.code == 0
+    assert "usage: python -m flashmemory_triton.bench.cpu" in capsys.readouterr().out
 
 
 def _wrong_provider(calls: dict) -> providers.Provider:
