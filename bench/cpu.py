@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = p.parse_args(argv)
     if args.repeats < 1:
-        print("python -m bench.cpu: error: --repeats must be >= 1", file=sys.stderr)
+        print(f"{p.prog}: error: --repeats must be >= 1", file=sys.stderr)
         return 2
     env = environment()
     print(f"torch {env['torch']}, {env['threads']} threads, CPU capability "
