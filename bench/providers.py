@@ -11,7 +11,7 @@ runs every 64 decode steps (projections, query preparation, scoring, page select
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -140,6 +140,22 @@ def _build_triton(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) ->
     return Runner(run=lambda: call(False, ctx.autotune)[0], check=lambda: call(True, False))
 
 
+def _build_triton_v1(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) -> Runner:
+    """Today's kernel before the v2 redesign (``kernels.score``, one program per tile), on the
+    same prepared queries: kept to compare with v2 on a GPU (issue 12), then to be removed."""
+    from flashmemory_triton import ops
+    from flashmemory_triton.kernels.score import fused_score_launch
+    from flashmemory_triton.utils import _device
+    prepared = ops.prepare_queries(x.q_proj, x.w, x.positions, max_position=x.max_position,
+                                   precision=precision, backend="triton")
+
+    def call(logits: bool):
+        return fused_score_launch(prepared.q, prepared.w, x.compressed_k,
+                                  precision=precision, hw_fp8=_device.has_hw_fp8(x.q.device),
+                                  ensemble=shape.ensemble, return_logits=logits, kernel="v1")
+    return Runner(run=lambda: call(False)[0], check=lambda: call(True))
+
+
 def _cycle_builder(backend: str) -> Callable:
     def build(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) -> Runner:
         from flashmemory_triton.selection import select_resident
@@ -170,6 +186,9 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              "flashmemory_triton.cpu_path: the CPU backend, exact fp32, blocked", cpu_only=True),
     Provider("triton", SCORING, PRECISIONS, True, _build_triton, _triton_bytes,
              "fused Triton scorer (ops.score_prepared) on prepared queries"),
+    # v2 serves bf16/fp8 only (tf32/fp32 stay on v1 in the "triton" row): only those compared
+    Provider("triton_v1", SCORING, ("bf16", "fp8"), True, _build_triton_v1, _triton_bytes,
+             "the fused scorer before v2 (one program per tile), same prepared queries"),
     Provider("cycle_torch", CYCLE, None, False, _cycle_builder("torch"),
              lambda s, d, p: _release_bytes(s, d, p) + _selection_bytes(s),
              "full cycle, torch backend: projections + reference scoring + page selection"),

@@ -1,13 +1,22 @@
-"""Ahead-of-time compilation of every kernel specialization for a GPU target, no GPU needed.
+"""Ahead-of-time compilation of every kernel specialization for a GPU target, no GPU needed,
+and the compile report (design §12).
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole NVIDIA
 pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin through the ptxas shipped with triton), so a
-CPU-only CI proves each specialization builds for sm_90 and sm_80, reads its shared memory and
-registers, and checks which matrix instructions the PTX uses.
+CPU-only CI proves each specialization builds for sm_90, sm_80 (and sm_89 for the DeepGEMM
+drop-in) with the launchers' own launch parameters, and reads off the cubin (``kernels.sass``)
+what the design promises: registers, spills, shared memory, occupancy, the steady-state loop's
+SASS instructions per warp per tile, its tensor-core instructions and global loads, and the
+modeled issue bound.
 
-Run as ``python -m flashmemory_triton.kernels.aot`` (prints JSON). It must run WITHOUT
-``TRITON_INTERPRET=1``: under the interpreter ``@triton.jit`` returns objects the compiler
-cannot take, which is why the tests call this module in a subprocess.
+    python -m flashmemory_triton.kernels.aot --report [--json FILE] [--dump DIR] [--target T]
+
+``--report`` prints one line per specialization, ``--json`` writes the records, ``--dump`` the
+cubins (each record's ``cubin`` names its file). Without options: the records as JSON on
+stdout. It must run WITHOUT ``TRITON_INTERPRET=1``: under the interpreter ``@triton.jit``
+returns objects the compiler cannot take, which is why the tests call this module in a
+subprocess. Compiles go through Triton's cache, so the report after the compile tests (or the
+reverse) reuses every cubin.
 """
 
 from __future__ import annotations
@@ -15,9 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -25,7 +32,7 @@ from triton.compiler import ASTSource
 
 from flashmemory_triton import constants as C
 
-from . import PRECISIONS
+from . import PRECISIONS, sass
 from .query_prep import QUERY_BLOCK_H, query_prep_kernel
 from .score import fused_score_kernel, launch_config
 
@@ -78,11 +85,14 @@ def score_specializations(arch: str):
 
 
 def compile_score(arch: str, *, PRECISION: str, SHARED_KEYS: bool, ENSEMBLE_MEAN: bool,
-                  WRITE_LOGITS: bool, HW_FP8: bool, L: int = 3, H_PAD: int = 128,
-                  ROW_WORDS: int = C.CHUNK_BYTES // 4, **config):
-    """Compile one specialization with the launcher's own GPU launch parameters
-    (``score.launch_config``), or with ``config`` overrides (BLOCK_N, BLOCK_H, num_warps,
-    num_stages) when exploring."""
+                  WRITE_LOGITS: bool, HW_FP8: bool, HEADLINE: bool = False, L: int = 3,
+                  H_PAD: int = 128, ROW_WORDS: int = C.CHUNK_BYTES // 4, **config):
+    """Compile one specialization of the v1 scorer (``score.fused_score_kernel``) with the
+    launcher's own GPU launch parameters (``score.launch_config``), or with ``config``
+    overrides (BLOCK_N, BLOCK_H, num_warps, num_stages) when exploring. ``HEADLINE``: with the
+    argument specialization the JIT gives the headline call (16-byte aligned pointers; N, H and
+    the row stride multiples of 16); otherwise none (any N, keys at any 4-byte offset), the
+    most register-hungry case, which the spill checks need."""
     target = TARGETS[arch]
     capability = divmod(target.arch, 10)
     cfg = {**launch_config(1 << 20, H_PAD, PRECISION, capability, SHARED_KEYS), **config}
@@ -92,14 +102,59 @@ def compile_score(arch: str, *, PRECISION: str, SHARED_KEYS: bool, ENSEMBLE_MEAN
         "scores_ptr": "*fp32", "logits_ptr": "*fp32", "B": "i32", "N": "i32", "H": "i32",
         "stride_kl": "i64", "stride_kb": "i64", "stride_kn": "i64", "logit_offset": "fp32",
     }
-    constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"], BLOCK_H=cfg["BLOCK_H"],
-                      ROW_WORDS=ROW_WORDS, PRECISION=PRECISION, HW_FP8=HW_FP8,
-                      SHARED_KEYS=SHARED_KEYS, ENSEMBLE_MEAN=ENSEMBLE_MEAN,
+    constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"],
+                      BLOCK_H=cfg["BLOCK_H"], ROW_WORDS=ROW_WORDS, PRECISION=PRECISION,
+                      HW_FP8=HW_FP8, SHARED_KEYS=SHARED_KEYS, ENSEMBLE_MEAN=ENSEMBLE_MEAN,
                       WRITE_LOGITS=WRITE_LOGITS, BF16_DOT_VIA_F32=False)
     for name in constexprs:
         signature[name] = "constexpr"
-    return _compile(fused_score_kernel, signature, constexprs, arch, cfg["num_warps"],
-                    cfg["num_stages"])
+    aligned = []
+    if HEADLINE:
+        aligned = [n for n, ty in signature.items() if ty.startswith("*")] + ["N", "H", "stride_kb"]
+    out = _compile(fused_score_kernel, signature, constexprs, arch, cfg["num_warps"],
+                   cfg["num_stages"], aligned=aligned)
+    out["tile"] = _tile(cfg, L, H_PAD, persistent=False, inner_trips=1 if SHARED_KEYS else L)
+    return out
+
+
+def dense_specializations(arch: str):
+    """The v2 dense scorer (``kernels.dense``, sm_90 only: before Hopper the launcher keeps v1):
+    shared keys, bf16 and fp8, the max ensemble (the headline) and the mean ensemble with
+    logits where v2 serves it (``dense.serves``)."""
+    from .dense import serves
+    if arch != "sm_90":
+        return
+    for precision in ("bf16", "fp8"):
+        for mean, logits in ((False, False), (True, True)):
+            if serves(precision, mean, logits):  # what the launcher runs on v2
+                yield dict(PRECISION=precision, ENSEMBLE_MEAN=mean, WRITE_LOGITS=logits,
+                           HW_FP8=True)
+
+
+def compile_dense(arch: str, *, PRECISION: str, ENSEMBLE_MEAN: bool, WRITE_LOGITS: bool,
+                  HW_FP8: bool, L: int = 3, H_PAD: int = 128,
+                  ROW_WORDS: int = C.CHUNK_BYTES // 4, **config):
+    """Compile one specialization of ``dense.dense_score_kernel`` with its launcher's GPU
+    parameters (``dense_launch_config``) or ``config`` overrides. Pointers 16-byte aligned
+    (torch allocations); N unspecialized (the tail tile is a runtime branch)."""
+    from .dense import dense_launch_config, dense_score_kernel
+    cfg = {**dense_launch_config(divmod(TARGETS[arch].arch, 10), 1 << 20, PRECISION), **config}
+    signature = {
+        "kw_ptr": "*i32", "kf_ptr": "*fp32", "q_ptr": "*bf16", "w_ptr": "*fp32",
+        "scores_ptr": "*fp32", "logits_ptr": "*fp32", "B": "i32", "N": "i32", "H": "i32",
+        "stride_kb": "i64", "stride_kn": "i64", "logit_offset": "fp32",
+    }
+    constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"], ROW_WORDS=ROW_WORDS,
+                      PRECISION=PRECISION, HW_FP8=HW_FP8, ENSEMBLE_MEAN=ENSEMBLE_MEAN,
+                      WRITE_LOGITS=WRITE_LOGITS, BF16_DOT_VIA_F32=False,
+                      PREFETCH=cfg["PREFETCH"])
+    for name in constexprs:
+        signature[name] = "constexpr"
+    aligned = [name for name, ty in signature.items() if ty.startswith("*")]
+    out = _compile(dense_score_kernel, signature, constexprs, arch, cfg["num_warps"],
+                   cfg["num_stages"], aligned=aligned)
+    out["tile"] = _tile(dict(cfg, BLOCK_H=H_PAD), L, H_PAD, persistent=True, inner_trips=1)
+    return out
 
 
 def batched_specializations(arch: str):
@@ -130,8 +185,14 @@ def compile_batched(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: bool
     """Compile one specialization of ``paged.batched_score_kernel`` (the launcher's GPU
     parameters, or ``config`` overrides). ``INDEX``: dtype of the page table and lengths.
     ``BLOCK_B`` defaults to the largest the launcher uses (``MAX_ROWS`` requests)."""
-    from .paged import (FILL_N, MAX_ROWS, PAGED_LAYER_UNIT, VARLEN_LAYER_UNIT,
-                        batched_launch_config, batched_score_kernel)
+    from .paged import (
+        FILL_N,
+        MAX_ROWS,
+        PAGED_LAYER_UNIT,
+        VARLEN_LAYER_UNIT,
+        batched_launch_config,
+        batched_score_kernel,
+    )
     BLOCK_B = BLOCK_B or MAX_ROWS
     target = TARGETS[arch]
     cfg = {**batched_launch_config(1 << 20, H_PAD, PRECISION, divmod(target.arch, 10), PAGED,
@@ -158,8 +219,10 @@ def compile_batched(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: bool
     # Every tensor comes from a torch allocation (16-byte aligned: the launcher's pointer
     # specialization); the pool's 16-byte alignment is checked by ``paged.page_pools``.
     aligned = [name for name, ty in signature.items() if ty.startswith("*")]
-    return _compile(batched_score_kernel, signature, constexprs, arch, cfg["num_warps"],
-                    cfg["num_stages"], aligned=aligned)
+    out = _compile(batched_score_kernel, signature, constexprs, arch, cfg["num_warps"],
+                   cfg["num_stages"], aligned=aligned)
+    out["tile"] = _tile(cfg, L, H_PAD, persistent=True, inner_trips=1 if SHARED_KEYS else L)
+    return out
 
 
 def mqa_specializations(arch: str):
@@ -201,8 +264,10 @@ def compile_mqa(arch: str, *, PAGED: bool, ABSOLUTE: bool, FILL: bool, PAGE_UNIT
     # 16-byte page units (``mqa_logits.page_unit``), so kb_ptr is aligned only then.
     aligned = [n for n, ty in signature.items() if ty.startswith("*")
                and (n not in ("kb_ptr", "kf_ptr") or PAGE_UNIT == 16)]
-    return _compile(mqa_logits_kernel, signature, constexprs, arch, cfg["num_warps"],
-                    cfg["num_stages"], aligned=aligned)
+    out = _compile(mqa_logits_kernel, signature, constexprs, arch, cfg["num_warps"],
+                   cfg["num_stages"], aligned=aligned)
+    out["tile"] = _tile(cfg, 1, H_PAD, persistent=True, inner_trips=1)  # raw logits, one layer
+    return out
 
 
 def compile_query_prep(arch: str, *, FP8: bool, OUT_BF16: bool, BLOCK_H: int = QUERY_BLOCK_H):
@@ -213,7 +278,19 @@ def compile_query_prep(arch: str, *, FP8: bool, OUT_BF16: bool, BLOCK_H: int = Q
                       FP8_MIN_AMAX=C.FP8_QUANT_MIN_AMAX, FP8_MAX=C.FP8_E4M3_MAX)
     for name in constexprs:
         signature[name] = "constexpr"
-    return _compile(query_prep_kernel, signature, constexprs, arch, 4, 1)
+    out = _compile(query_prep_kernel, signature, constexprs, arch, 4, 1)
+    # One program = one (layer, row) and BLOCK_H heads; its Hadamard dots are exact fp32 (no
+    # tensor-core rate applies): only the instruction count is reported.
+    out["tile"] = dict(persistent=False, inner_trips=1, flops=None, block_n=None,
+                       block_h=BLOCK_H, stages=1)
+    return out
+
+
+def _tile(cfg: dict, L: int, H: int, persistent: bool, inner_trips: int) -> dict:
+    """What one tile of a scorer is: ``BLOCK_N`` chunks x ``L`` layers x ``H`` heads x D."""
+    return dict(persistent=persistent, inner_trips=inner_trips, block_n=cfg["BLOCK_N"],
+                block_h=cfg["BLOCK_H"], stages=cfg["num_stages"],
+                flops=2 * cfg["BLOCK_N"] * H * C.HEAD_DIM * L)
 
 
 def _compile(fn, signature, constexprs, arch, num_warps, num_stages, aligned=()):
@@ -225,75 +302,184 @@ def _compile(fn, signature, constexprs, arch, num_warps, num_stages, aligned=())
     compiled = triton.compile(src, target=TARGETS[arch],
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
+    cubin = compiled.asm["cubin"]
     return {
-        "arch": arch,
         "shared_bytes": int(compiled.metadata.shared),
         "num_warps": num_warps,
-        **_resource_usage(compiled),
+        **sass.resource_usage(cubin),
         "ptx": {name: bool(re.search(pat, ptx)) for name, pat in PTX_MARKERS.items()},
-        "cubin_bytes": len(compiled.asm.get("cubin", b"")),
+        "cubin_bytes": len(cubin),
+        "_cubin": cubin,
     }
 
 
-def _resource_usage(compiled) -> dict:
-    """Registers, stack frame and local memory per thread, read off the cubin with the
-    cuobjdump that ships with triton (``n_regs`` is only filled once loaded on a GPU)."""
-    cubin = compiled.asm.get("cubin")
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not cubin or not os.path.exists(tool):
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                             text=True, check=False).stdout
-    found = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", out))
-    return {"regs": int(found["REG"]), "stack_bytes": int(found["STACK"]),
-            "local_bytes": int(found["LOCAL"])} if "REG" in found else {}
+# --- the report --------------------------------------------------------------------------------
+HEADLINE_PRECISIONS = ("bf16", "fp8")
 
 
 def _jobs(archs):
     for arch in archs:
         if arch in SCORER_ARCHS:
             for spec in score_specializations(arch):
-                yield "fused_score", arch, spec
+                yield "dense", arch, dict(VERSION="v1", **spec)
+            for precision in HEADLINE_PRECISIONS:  # v1 as the JIT builds the headline call
+                yield "dense", arch, dict(VERSION="v1", PRECISION=precision, SHARED_KEYS=True,
+                                          ENSEMBLE_MEAN=False, WRITE_LOGITS=False,
+                                          HW_FP8=arch != "sm_80", HEADLINE=True)
+            for spec in dense_specializations(arch):
+                yield "dense", arch, dict(VERSION="v2", **spec)
             for fp8, out_bf16 in ((False, False), (False, True), (True, True)):
-                yield "query_prep", arch, {"FP8": fp8, "OUT_BF16": out_bf16}
+                yield "query", arch, {"FP8": fp8, "OUT_BF16": out_bf16}
             for spec in batched_specializations(arch):
-                yield "batched_score", arch, spec
+                yield ("paged" if spec["PAGED"] else "varlen"), arch, spec
         if arch in MQA_ARCHS:
             for spec in mqa_specializations(arch):
-                yield "mqa_logits", arch, spec
+                yield "mqa", arch, spec
 
 
-def _run_job(job) -> dict:
+def _compiler(kernel: str, spec: dict):
+    if kernel == "dense":
+        return compile_dense if spec["VERSION"] == "v2" else compile_score
+    return {"query": compile_query_prep, "paged": compile_batched, "varlen": compile_batched,
+            "mqa": compile_mqa}[kernel]
+
+
+def _name(kernel: str, arch: str, spec: dict) -> str:
+    parts = [kernel, arch] + [f"{k}={v}" for k, v in spec.items()]
+    return re.sub(r"[^A-Za-z0-9_.=-]", "_", "-".join(parts)) + ".cubin"
+
+
+def _run_job(job, dump_dir: str | None = None) -> dict:
+    """Compile one specialization and build its report record (design §12)."""
     kernel, arch, spec = job
-    compile_fn = {"fused_score": compile_score, "query_prep": compile_query_prep,
-                  "batched_score": compile_batched, "mqa_logits": compile_mqa}[kernel]
-    return {"kernel": kernel, **spec, **compile_fn(arch, **spec)}
+    args = {k: v for k, v in spec.items() if k != "VERSION"}
+    out = _compiler(kernel, spec)(arch, **args)
+    cubin = out.pop("_cubin")
+    tile = out.pop("tile")
+    if "PRECISION" in spec:
+        precision = spec["PRECISION"]
+    elif kernel == "mqa":
+        precision = "fp8"
+    else:
+        precision = "fp8" if spec["FP8"] else ("bf16" if spec["OUT_BF16"] else "fp32")
+    counts = sass.tile_counts(sass.disassemble(cubin), tile["persistent"], tile["inner_trips"])
+    bound, tensor_cycles, issue_cycles = None, None, None
+    if tile["flops"] is not None and precision != "fp32":
+        bound, tensor_cycles, issue_cycles = sass.issue_bound(
+            arch, precision, tile["flops"], counts.instructions, out["num_warps"])
+    name = _name(kernel, arch, spec)
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        with open(os.path.join(dump_dir, name), "wb") as f:
+            f.write(cubin)
+    keys = None
+    if "SHARED_KEYS" in spec:
+        keys = "shared" if spec["SHARED_KEYS"] else "per_layer"
+    elif kernel == "dense":
+        keys = "shared"  # v2 takes shared keys only
+    return {
+        "kernel": kernel, "target": arch, "precision": precision, "keys": keys,
+        "triton": triton.__version__,
+        "regs": out["regs"],
+        "spill_bytes": out["stack_bytes"] + out["local_bytes"],
+        "smem_bytes": out["shared_bytes"],
+        "ctas_per_sm": sass.ctas_per_sm(arch, out["regs"], out["shared_bytes"], out["num_warps"]),
+        "warps": out["num_warps"],
+        "loop_instructions_per_tile": counts.instructions,
+        "mma_per_tile": counts.mma,
+        "loop_global_loads_per_tile": counts.global_loads,
+        "issue_bound": bound,
+        "cubin": name,
+        "version": spec.get("VERSION"),
+        "specialization": "headline" if spec.get("HEADLINE") else "generic",
+        "persistent": tile["persistent"], "stages": tile["stages"],
+        "block_n": tile["block_n"], "block_h": tile["block_h"],
+        "flops_per_tile": tile["flops"],
+        # what the tile's tensor-core instructions compute over the whole CTA: equal to
+        # flops_per_tile unless the tile (or the kernel) is counted wrong
+        "mma_flops_per_tile": counts.mma_flops_per_warp * out["num_warps"],
+        "tensor_cycles": tensor_cycles, "issue_cycles": issue_cycles,
+        "opcodes": dict(sorted(counts.opcodes.items(), key=lambda kv: -kv[1])),
+        **spec, **out,
+    }
 
 
-def compile_all(archs=DEFAULT_ARCHS, workers: int | None = None) -> list[dict]:
+def compile_all(archs=DEFAULT_ARCHS, workers: int | None = None,
+                dump_dir: str | None = None) -> list[dict]:
     """Compile every specialization, ``workers`` processes at a time (default: one per core;
     ptxas is single-threaded and an sm_80 build of the scorer takes a minute or two)."""
     jobs = list(_jobs(archs))
     workers = workers or os.cpu_count() or 1
     if workers == 1:
-        return [_run_job(j) for j in jobs]
+        return [_run_job(j, dump_dir) for j in jobs]
     import concurrent.futures
+    import functools
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding compiler state
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        return list(pool.map(_run_job, jobs))
+        return list(pool.map(functools.partial(_run_job, dump_dir=dump_dir), jobs))
+
+
+def _fmt(v, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def format_report(records: list[dict]) -> str:
+    """One line per record: the report's fields, readable."""
+    head = ("kernel", "ver", "target", "precision", "keys", "ens", "spec", "tile", "warps",
+            "regs", "spill", "smem", "ctas/SM", "instr/tile", "mma/tile", "ldg/tile",
+            "issue_bound")
+    rows = [head]
+    for r in records:
+        ens = "mean+logits" if r.get("WRITE_LOGITS") else ("mean" if r.get("ENSEMBLE_MEAN")
+                                                           else "max")
+        tile = f"{r['block_n']}x{r['block_h']}" if r["block_n"] else f"q x{r['block_h']}"
+        rows.append((r["kernel"], _fmt(r["version"]), r["target"], r["precision"],
+                     _fmt(r["keys"]), ens if r["keys"] else "-", r["specialization"], tile,
+                     _fmt(r["warps"]), _fmt(r["regs"]), _fmt(r["spill_bytes"]),
+                     _fmt(r["smem_bytes"]), _fmt(r["ctas_per_sm"]),
+                     _fmt(r["loop_instructions_per_tile"]), _fmt(r["mma_per_tile"]),
+                     _fmt(r["loop_global_loads_per_tile"]), _fmt(r["issue_bound"], 2)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    return (f"triton {triton.__version__}. instr/tile: SASS instructions per warp per tile "
+            "(one trip of a persistent kernel's steady-state loop, else the whole program); "
+            "issue_bound = tensor cycles / max(tensor, issue) cycles (design §12)\n"
+            + "\n".join(lines))
 
 
 def main(argv=None) -> int:
+    import argparse
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot: unset TRITON_INTERPRET to compile for a GPU target", file=sys.stderr)
         return 2
-    archs = tuple(argv or sys.argv[1:]) or DEFAULT_ARCHS
-    json.dump(compile_all(archs), sys.stdout, indent=1)
-    print()
+    parser = argparse.ArgumentParser(prog="python -m flashmemory_triton.kernels.aot",
+                                     description="Compile every kernel specialization for GPU "
+                                     "targets without a GPU; the compile report.")
+    parser.add_argument("targets", nargs="*", default=[], metavar="TARGET",
+                        help=f"targets to build, of {sorted(TARGETS)} (default: all)")
+    parser.add_argument("--target", action="append", choices=sorted(TARGETS), default=[],
+                        help="a target to build (repeatable)")
+    parser.add_argument("--report", action="store_true", help="print the report table")
+    parser.add_argument("--json", metavar="FILE", help="write the records as JSON")
+    parser.add_argument("--dump", metavar="DIR", help="write the cubins")
+    parser.add_argument("--workers", type=int, default=None, help="parallel compiles")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.targets) - set(TARGETS))
+    if unknown:
+        parser.error(f"unknown target(s) {unknown}; choose from {sorted(TARGETS)}")
+    archs = tuple(args.targets + args.target) or DEFAULT_ARCHS
+    records = compile_all(archs, args.workers, args.dump)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if args.report:
+        print(format_report(records))
+    if not (args.json or args.report):
+        json.dump(records, sys.stdout, indent=1)
+        print()
     return 0
 
 

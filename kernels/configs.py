@@ -46,5 +46,17 @@ def register_hungry(version: tuple[int, int] | None = None) -> bool:
 DENSE_PER_LAYER_SM90 = {"3.6": dict(BLOCK_N=128), "3.7+": dict(BLOCK_N=64)}
 
 
-def pick(table: dict, version: tuple[int, int] | None = None) -> dict:
-    return dict(table["3.7+" if register_hungry(version) else "3.6"])
+# Dense scorer v2 (kernels/dense.py), sm_90: whether the next tile's keys are prefetched into
+# registers. With 3.9.0 the bf16 build needs 8 bytes of stack with the prefetch (255 registers)
+# and 251 registers without; fp8 fits either way (243).
+DENSE_V2_PREFETCH = {"3.6": {"bf16": True, "fp8": True}, "3.7+": {"bf16": False, "fp8": True}}
+# ... and which epilogues it serves in bf16: from 3.7 the mean ensemble with per-layer logits
+# needs 8 bytes of stack even without the prefetch (255 registers with 3.9.0), so that
+# combination stays on v1 there ("max": max ensemble, no logits).
+DENSE_V2_BF16_EPILOGUES = {"3.6": ("max", "other"), "3.7+": ("max",)}
+
+
+def pick(table: dict, version: tuple[int, int] | None = None):
+    """The entry of ``table`` for ``version`` (default: the installed Triton), copied."""
+    value = table["3.7+" if register_hungry(version) else "3.6"]
+    return dict(value) if isinstance(value, dict) else value

@@ -118,7 +118,8 @@ def prepare_query_launch(q: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, si
     grid = (L * B, triton.cdiv(H, QUERY_BLOCK_H))
     query_prep_kernel[grid](
         q, w, cos.contiguous().float(), sin.contiguous().float(), q_out, w_out, B, H,
-        D=D, ROPE=C.ROPE_DIM, BLOCK_H=QUERY_BLOCK_H, FP8=precision == "fp8", OUT_BF16=q_out.dtype == torch.bfloat16,
-        FP8_MIN_AMAX=C.FP8_QUANT_MIN_AMAX, FP8_MAX=C.FP8_E4M3_MAX, num_warps=4,
+        D=D, ROPE=C.ROPE_DIM, BLOCK_H=QUERY_BLOCK_H, FP8=precision == "fp8",
+        OUT_BF16=q_out.dtype == torch.bfloat16, FP8_MIN_AMAX=C.FP8_QUANT_MIN_AMAX,
+        FP8_MAX=C.FP8_E4M3_MAX, num_warps=4,
     )
     return q_out, w_out

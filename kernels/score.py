@@ -273,13 +273,41 @@ def _autotuned():
     return _tuned_kernel
 
 
+def uses_v2(compressed_k: torch.Tensor, precision: str, autotune: bool,
+            ensemble: str = "max", return_logits: bool = False) -> bool:
+    """Whether ``fused_score_launch`` picks the persistent v2 kernel (``kernels.dense``): shared
+    keys in bf16/fp8 on Hopper and newer (its q stays resident in shared memory, which the
+    mma.sync path before Hopper cannot read: there v1 is the plain path) where v2 compiles
+    spill-free (``dense.serves``), and in the interpreter, so the tests run it. Autotuning and
+    per-layer keys stay on v1."""
+    from .dense import PRECISIONS as V2_PRECISIONS
+    from .dense import serves
+    if compressed_k.dim() != 3 or precision not in V2_PRECISIONS or autotune:
+        return False
+    capability = _device.capability(compressed_k.device)
+    if capability is None:
+        return True
+    return capability >= (9, 0) and serves(precision, ensemble == "mean", return_logits)
+
+
 def fused_score_launch(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Tensor, *,
                        precision: str, hw_fp8: bool, ensemble: str = "max",
                        logit_offset: float = 0.0, return_logits: bool = False,
-                       autotune: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       autotune: bool = False, kernel: str = "auto"
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the fused scorer. ``q [L, B, H, D]`` prepared (see ``query_prep``), ``w [L, B, H]``
     fp32, ``compressed_k`` uint8 ``[B, N, 132]`` (shared) or ``[L, B, N, 132]``. Inputs are
-    assumed validated by the caller (``flashmemory_triton.ops``)."""
+    assumed validated by the caller (``flashmemory_triton.ops``). ``kernel``: ``"auto"`` (v2
+    where ``uses_v2``, else v1), ``"v1"`` (this module's kernel, kept for comparison) or
+    ``"v2"``."""
+    if kernel not in ("auto", "v1", "v2"):
+        raise ValueError(f"kernel must be 'auto', 'v1' or 'v2', got {kernel!r}")
+    if kernel == "v2" or (kernel == "auto" and uses_v2(compressed_k, precision, autotune,
+                                                       ensemble, return_logits)):
+        from .dense import dense_score_launch
+        return dense_score_launch(q, w, compressed_k, precision=precision, hw_fp8=hw_fp8,
+                                  ensemble=ensemble, logit_offset=logit_offset,
+                                  return_logits=return_logits)
     L, B, H, D = q.shape
     shared = compressed_k.dim() == 3
     N = compressed_k.shape[-2]

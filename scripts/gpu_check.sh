@@ -4,6 +4,7 @@
 #   $OUT/env.txt            GPU, driver, torch/triton versions, commit, date
 #   $OUT/tests.log          pytest --device cuda (kernels, paged, CUDA graphs, full-size checks)
 #   $OUT/bench/             CSV, JSON, PNG of `python -m flashmemory_triton.bench --quick`
+#                           (the v2 dense scorer as `triton`, the kernel before it as `triton_v1`)
 #   $OUT/bench-mixed/       CSV, JSON, PNG of `... bench --mixed` (32 requests of 8K-256K
 #                           chunks: one launch for the batch versus one per request)
 #   $OUT/summary.txt        exit codes and the tail of each step

@@ -147,14 +147,16 @@ def test_failing_provider_is_reported_and_not_timed(device):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("name, precision", [("triton", "fp8"), ("cycle_triton", "bf16")])
-def test_triton_runners_pass_the_check(device, name, precision):
+@pytest.mark.parametrize("name, precision, layout", [
+    ("triton", "fp8", "per_layer"), ("cycle_triton", "bf16", "per_layer"),
+    ("triton", "bf16", "shared"), ("triton_v1", "bf16", "shared")])
+def test_triton_runners_pass_the_check(device, name, precision, layout):
     """The Triton providers call ops/the retriever as they expect (under the interpreter on
     the CPU, where the sweep itself never times them)."""
     from flashmemory_triton.bench.inputs import Model, make_inputs
     from flashmemory_triton.bench.release import release_scores_blocked
     model = Model(TINY, device)
-    shape = sweeps.Shape(64, 2, "per_layer", "mean")
+    shape = sweeps.Shape(64, 2, layout, "mean")
     x = make_inputs(model, shape)
     expected = release_scores_blocked(x.q, x.w, x.compressed_k, shape.ensemble, 1 << 20)
     run = providers.PROVIDERS[name].build(providers.Context(model=model), x, shape, precision)

@@ -1,9 +1,10 @@
-"""Version-keyed launch parameters (``kernels.configs``), without compiling anything: fast,
-no GPU, no ptxas.
+"""Version-keyed launch parameters (``kernels.configs``) and the SASS tile counter of the
+compile report (``kernels.sass``), without compiling anything: fast, no GPU, no ptxas.
 
 The compiled side (every supported Triton builds these parameters spill-free) is
 ``tests/test_compile.py``; here: the table is what the launchers and ``kernels.aot`` read, and
-the declared version range matches the tested ends.
+the declared version range matches the tested ends, and the report's loop counting finds and
+weighs the right instructions.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 
 import pytest
 
-from flashmemory_triton.kernels import configs
+from flashmemory_triton.kernels import configs, sass
 from flashmemory_triton.kernels.paged import batched_launch_config
 from flashmemory_triton.kernels.score import launch_config
 
@@ -58,3 +59,71 @@ def test_launch_parameters_follow_the_version_table():
     # the batched scorer: paged bf16 with a shared pool in 32-head blocks
     assert batched_launch_config(1 << 20, 128, "bf16", sm90, True, True)["BLOCK_H"] == 32
     assert batched_launch_config(1 << 20, 128, "bf16", sm90, True, False)["BLOCK_H"] == 64
+
+
+def test_dense_v2_table():
+    from flashmemory_triton.kernels.dense import dense_launch_config, serves
+    old, new = configs.OLDEST, configs.NEWEST
+    assert dense_launch_config((9, 0), 1 << 20, "bf16", old)["PREFETCH"]
+    assert not dense_launch_config((9, 0), 1 << 20, "bf16", new)["PREFETCH"]
+    assert dense_launch_config((9, 0), 1 << 20, "fp8", new)["PREFETCH"]
+    assert serves("bf16", True, True, old) and not serves("bf16", True, True, new)
+    assert serves("bf16", False, False, new) and serves("fp8", True, True, new)
+    assert not serves("tf32", False, False, old)
+
+
+# --- SASS tile counting --------------------------------------------------------------------------
+def _ins(lines):
+    return [(i * 16, body) for i, body in enumerate(lines)]
+
+
+PERSISTENT = _ins([
+    "S2R R0, SR_CTAID.X",            # 0x00 prologue
+    "LDG.E R2, desc[UR4][R4.64]",    # 0x10 q load, before the loop
+    "IADD3 R1, R0, 0x1, RZ",          # 0x20 loop head
+    "LDG.E R3, desc[UR4][R6.64]",    # 0x30
+    "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0",  # 0x40
+    "FMNMX R5, R24, RZ, !PT",         # 0x50 inner loop (layers)
+    "@P0 BRA 0x50",                   # 0x60 inner backward branch
+    "@P1 BRA 0x20",                   # 0x70 tile loop back edge
+    "EXIT",                           # 0x80
+    "BRA 0x90",                       # 0x90 self-branch padding: dropped by disassemble()
+])
+
+
+def test_tile_counts_persistent_loop():
+    ins = PERSISTENT[:-1]
+    c = sass.tile_counts(ins, persistent=True, inner_trips=3)
+    assert c.loop == (0x20, 0x70)
+    # 0x20..0x70: 6 instructions, of which 0x50 and 0x60 run 3 times
+    assert c.instructions == 4 + 2 * 3
+    assert c.mma == 1 and c.global_loads == 1  # the q load before the loop is not counted
+    assert c.mma_flops_per_warp == 2 * 64 * 128 * 16 / 4
+
+
+def test_tile_counts_whole_program_and_self_branch():
+    assert sass._self_branch(PERSISTENT[-1]) and not sass._self_branch(PERSISTENT[6])
+    c = sass.tile_counts(PERSISTENT[:-1], persistent=False, inner_trips=1)
+    assert c.loop is None and c.instructions == 9 and c.global_loads == 2
+
+
+def test_tile_counts_requires_a_loop_for_persistent_kernels():
+    with pytest.raises(RuntimeError, match="persistent"):
+        sass.tile_counts(_ins(["HGMMA.64x64x16.F32.BF16 R0, gdesc[UR4], RZ", "EXIT"]), True)
+    # no tensor cores (the fp32 mode): the largest loop is the tile
+    no_mma = [(a, b.replace("HGMMA.64x128x16.F32.BF16", "FFMA")) for a, b in PERSISTENT[:-1]]
+    c = sass.tile_counts(no_mma, persistent=True, inner_trips=3)
+    assert c.loop == (0x20, 0x70) and c.mma == 0
+
+
+def test_issue_bound_and_occupancy():
+    # 12.58 MFLOP of bf16 on sm_90: 3072 tensor cycles; 2000 instructions x 8 warps / 4 = 4000
+    bound, tensor, issue = sass.issue_bound("sm_90", "bf16", 2 * 128 * 128 * 128 * 3, 2000, 8)
+    assert (tensor, issue) == (3072, 4000) and bound == pytest.approx(3072 / 4000)
+    assert sass.issue_bound("sm_90", "fp32", 1.0, 10, 4)[0] is None
+    assert sass.ctas_per_sm("sm_90", 255, 16384, 8) == 1  # 8 warps x 256 regs x 32 = 64K
+    assert sass.ctas_per_sm("sm_90", 128, 16384, 8) == 2
+    assert sass.ctas_per_sm("sm_90", 64, 120 * 1024, 4) == 1  # shared memory bound
+    assert sass.mma_flops("QGMMA.64x128x32.F32.E4M3.E4M3") == (2 * 64 * 128 * 32, 4)
+    assert sass.mma_flops("HMMA.16816.F32.BF16") == (2 * 16 * 8 * 16, 1)
+    assert sass.mma_flops("QMMA.16832.F32.E4M3.E4M3") == (2 * 16 * 8 * 32, 1)

@@ -142,6 +142,41 @@ def test_fused_score_matches_f64(B, N, precision, layout, device):
             assert torch.equal(alone, scores), f"scores change when logits are written ({tag})"
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_dense_v2_both_load_paths_and_v1(precision, device):
+    """The v2 scorer with and without the register prefetch (the launch table picks per Triton
+    version) against float64 on the inputs it consumed, and equal to v1 within fp32
+    accumulation: several tiles per program (the round-robin walk), a partial last tile, two
+    rows, negative and special scales, 20 heads (padded to 32)."""
+    from flashmemory_triton.kernels.dense import dense_score_launch
+    if device.type == "cuda" and _device.capability(device) < (9, 0):
+        pytest.skip("v2 runs on sm_90+ (before Hopper the launcher keeps v1)")
+    gen = _gen(77)
+    L, B, N, H = 3, 2, 1000, 20
+    q, w = _queries(L, B, H, gen, device)
+    prepared = ops.prepare_queries(q, w, _positions(B, gen, device), precision=precision,
+                                   backend="triton")
+    keys = make_keys((B, N), gen).to(device)
+    want = logits_f64(prepared.q.float(), prepared.w, keys, logit_offset=-0.5)
+    hw = _device.has_hw_fp8(device) if device.type == "cuda" else True
+    v1_scores, v1_logits = fused_score_launch(prepared.q, prepared.w, keys, precision=precision,
+                                              hw_fp8=hw, logit_offset=-0.5, return_logits=True,
+                                              kernel="v1")
+    for prefetch in (True, False):
+        for ensemble in ("max", "mean"):
+            scores, logits = dense_score_launch(prepared.q, prepared.w, keys,
+                                                precision=precision, hw_fp8=hw,
+                                                ensemble=ensemble, logit_offset=-0.5,
+                                                return_logits=True, prefetch=prefetch)
+            tag = f"{precision}/prefetch={prefetch}/{ensemble}"
+            assert_close(logits.cpu(), want, FP32_RTOL, f"logits {tag}")
+            assert_close(scores.cpu(), ref.ensemble_scores(torch.sigmoid(want), ensemble),
+                         FP32_RTOL, f"scores {tag}")
+            assert torch.equal(torch.isnan(logits), torch.isnan(v1_logits)), tag
+            if ensemble == "max":
+                assert_close(scores.cpu(), v1_scores.cpu(), FP32_RTOL, f"v1 vs v2 {tag}")
+
+
 @pytest.mark.parametrize("L", [1, 2, 4])
 def test_layer_counts_and_odd_heads(L, device):
     gen = _gen(L)
