@@ -1,4 +1,5 @@
-"""``flashmemory-triton bench`` / ``python -m flashmemory_triton.bench``: run a sweep, print the table, write CSV/JSON/PNG.
+"""``flashmemory-triton bench`` / ``python -m flashmemory_triton.bench``: run a sweep, print the
+table, write CSV/JSON/PNG.
 
 Exit status: 0 when every provider that ran passed its correctness check, 1 when one failed
 or raised (so CI goes red), 2 for bad arguments.
@@ -78,8 +79,10 @@ def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
                    help="--mixed: longest history in chunks (default 256K on CUDA, 1K on CPU)")
     p.add_argument("--device", choices=("cuda", "cpu"),
                    help="default: cuda if available, else cpu")
-    p.add_argument("--out", type=Path, help="output directory (default: <card>-<date>/ under the checkout's bench/results/, "
-                        "or under ./bench-results/ when the package is installed)")
+    p.add_argument("--out", type=Path,
+                   help="output directory (default: <card>-<date>/ under the checkout's "
+                        "bench/results/, or under ./bench-results/ when the package is "
+                        "installed)")
     p.add_argument("--repeats", type=int, default=None,
                    help="at least this many timed calls per row (default 5 on CUDA, 3 on CPU)")
     p.add_argument("--rep-ms", type=float, default=100.0,
@@ -123,12 +126,15 @@ def options_from(args, device: torch.device) -> Options:
     on_gpu = device.type == "cuda"
     repeats = args.repeats if args.repeats is not None else (5 if on_gpu else 3)
     if repeats < 2:
-        raise ValueError(f"--repeats must be at least 2 (a spread needs two samples), got {repeats}")
-    compile_shapes = args.compile_shapes if args.compile_shapes is not None else (2 if on_gpu else 0)
+        raise ValueError("--repeats must be at least 2 (a spread needs two samples), "
+                         f"got {repeats}")
+    compile_shapes = (args.compile_shapes if args.compile_shapes is not None
+                      else (2 if on_gpu else 0))
     if compile_shapes < 0:
         raise ValueError(f"--compile-shapes must be >= 0, got {compile_shapes}")
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
-    return Options(device=device, dims=ModelDims(hidden=args.hidden, rank=args.rank, heads=args.heads),
+    return Options(device=device,
+                   dims=ModelDims(hidden=args.hidden, rank=args.rank, heads=args.heads),
                    rep_ms=args.rep_ms, min_samples=repeats,
                    autotune=args.full if args.autotune is None else args.autotune,
                    compile_shapes=compile_shapes, memory_budget_bytes=budget, seed=args.seed,

@@ -31,15 +31,14 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from flashmemory_triton import FlashMemoryRetriever
+from flashmemory_triton import FlashMemoryRetriever, synthetic
 from flashmemory_triton import constants as C
 from flashmemory_triton import reference as ref
-from flashmemory_triton import synthetic
 
 from .release import release_temp_bytes
 

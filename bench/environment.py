@@ -16,12 +16,15 @@ BENCH_DIR = Path(__file__).resolve().parent
 # bench/ sits next to pyproject.toml: results go to the repository's bench/results/ and the git
 # commit is recorded. An installed copy (site-packages) has no repository: results go under the
 # current directory and the commit is unknown.
-REPO_ROOT: Path | None = BENCH_DIR.parent if (BENCH_DIR.parent / "pyproject.toml").is_file() else None
+REPO_ROOT: Path | None = (BENCH_DIR.parent if (BENCH_DIR.parent / "pyproject.toml").is_file()
+                          else None)
 
 
 def results_dir() -> Path:
     """Where a run's ``<card>-<date>/`` directory goes unless ``--out`` says otherwise."""
-    return REPO_ROOT / "bench" / "results" if REPO_ROOT is not None else Path.cwd() / "bench-results"
+    if REPO_ROOT is None:
+        return Path.cwd() / "bench-results"
+    return REPO_ROOT / "bench" / "results"
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str | None:

@@ -11,7 +11,9 @@ import dataclasses
 
 import torch
 
-from flashmemory_triton import FlashMemoryRetriever, constants as C, reference as ref
+from flashmemory_triton import FlashMemoryRetriever
+from flashmemory_triton import constants as C
+from flashmemory_triton import reference as ref
 
 from .release import release_queries
 from .sweeps import Shape

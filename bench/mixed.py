@@ -29,8 +29,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -60,7 +60,7 @@ class Scenario:
     precisions: tuple[str, ...] = ("bf16", "fp8")
     ensemble: str = "max"
 
-    def validate(self) -> "Scenario":
+    def validate(self) -> Scenario:
         from flashmemory_triton.kernels import PRECISIONS
         from flashmemory_triton.ops import ENSEMBLES
         if self.requests < 1:
@@ -175,7 +175,8 @@ class MixedRunner:
 
 
 def _cat(per_request: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Per-request ``([1, n], [L, 1, n])`` -> the batch as one row, ``[1, sum n]``, ``[L, 1, sum n]``."""
+    """Per-request ``([1, n], [L, 1, n])`` -> the batch as one row: ``[1, sum n]``,
+    ``[L, 1, sum n]``."""
     return (torch.cat([s for s, _ in per_request], dim=-1),
             torch.cat([g for _, g in per_request], dim=-1))
 

@@ -88,15 +88,18 @@ def headline_markdown(result: Result) -> str:
               and is_headline(Shape(r["n"], r["batch"], r["layout"], r["ensemble"]))]
     if not picked:
         return ""
-    commit = (meta.get("git_commit") or "unknown")[:10] + (" (dirty)" if meta.get("git_dirty") else "")
+    commit = ((meta.get("git_commit") or "unknown")[:10]
+              + (" (dirty)" if meta.get("git_dirty") else ""))
     out = [f"### {meta['device_name']}, {meta['date_utc'][:10]}, commit {commit}",
            f"torch {meta['torch']}, triton {meta['triton']}, driver {meta.get('driver', '-')}",
-           "", "| provider | precision | ensemble | median ms | TFLOP/s | % roofline | x reference |",
+           "",
+           "| provider | precision | ensemble | median ms | TFLOP/s | % roofline | x reference |",
            "|---|---|---|---|---|---|---|"]
     for r in picked:
         speedup = baseline_speedup(r)
         out.append(f"| {r['provider']} | {r['precision']} | {r['ensemble']} | "
-                   f"{r['median_ms']:.4f} | {r['tflops']:.1f} | {_fmt(r.get('roofline_pct'), '.0f')} | "
+                   f"{r['median_ms']:.4f} | {r['tflops']:.1f} | "
+                   f"{_fmt(r.get('roofline_pct'), '.0f')} | "
                    f"{_fmt(speedup, '.1f')} |")
     return "\n".join(out) + "\n"
 

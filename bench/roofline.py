@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import functools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -171,13 +171,12 @@ def measure_cpu_ceilings() -> Ceilings:
         for m, k, n in CPU_MATMUL_SHAPES:
             a = torch.randn(m, k, generator=gen).to(dtype)
             b = torch.randn(k, n, generator=gen).to(dtype)
-            best = max(best, 2 * m * k * n / _best_seconds(lambda: a @ b) / 1e12)
+            best = max(best, 2 * m * k * n / _best_seconds(lambda a=a, b=b: a @ b) / 1e12)
         peaks[name] = best
     src = torch.ones(CPU_STREAM_BYTES // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     copy = 2 * CPU_STREAM_BYTES / _best_seconds(lambda: dst.copy_(src)) / 1e9
     read = CPU_STREAM_BYTES / _best_seconds(lambda: src.sum()) / 1e9
-    del src, dst
     notes = [f"CPU ceilings: best of {CPU_CEILING_CALLS} calls; matmul over shapes "
              f"{', '.join('x'.join(map(str, s)) for s in CPU_MATMUL_SHAPES)} (M x K x N); "
              f"memory = max(copy {copy:.1f} GB/s read+write, read {read:.1f} GB/s) over "

@@ -141,9 +141,11 @@ def run_sweep(sweep: Sweep, providers: list[Provider], options: Options) -> Resu
             bar.update()
         bar.close()
     add_speedups(rows)
-    config = {"sweep": dataclasses.asdict(sweep), "providers": {p.name: p.description for p in providers},
+    config = {"sweep": dataclasses.asdict(sweep),
+              "providers": {p.name: p.description for p in providers},
               **{k: v for k, v in dataclasses.asdict(options).items() if k != "device"},
-              "device": str(device), "compile_shapes_used": sorted(s.label() for s in compile_shapes)}
+              "device": str(device),
+              "compile_shapes_used": sorted(s.label() for s in compile_shapes)}
     return Result(rows=rows, ceilings=ceilings, meta=environment.collect(device), config=config)
 
 
@@ -232,7 +234,8 @@ def add_speedups(rows: list[dict]) -> None:
     ok = [r for r in rows if r["status"] == "ok"]
     by_group: dict[tuple, list[dict]] = {}
     for r in ok:
-        by_group.setdefault((r["kind"], r["n"], r["batch"], r["layout"], r["ensemble"]), []).append(r)
+        key = (r["kind"], r["n"], r["batch"], r["layout"], r["ensemble"])
+        by_group.setdefault(key, []).append(r)
     for group in by_group.values():
         names = list(dict.fromkeys(r["provider"] for r in group))
         for r in group:

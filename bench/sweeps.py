@@ -15,7 +15,8 @@ from typing import NamedTuple
 from flashmemory_triton.kernels import PRECISIONS
 from flashmemory_triton.ops import ENSEMBLES
 
-LAYOUTS = ("shared", "per_layer")  # one key buffer for every layer (release) / one per layer (serving)
+# one key buffer for every layer (release) / one per layer (serving)
+LAYOUTS = ("shared", "per_layer")
 
 K = 1024
 HEADLINE_N = 256 * K  # 262144 chunks = 1M tokens of context (4 tokens per chunk)
@@ -50,7 +51,7 @@ class Sweep:
         return [Shape(n, b, lay, ens) for n, b, lay, ens in
                 itertools.product(self.n, self.batch, self.layout, self.ensemble)]
 
-    def validate(self) -> "Sweep":
+    def validate(self) -> Sweep:
         for name, values, allowed in (("layout", self.layout, LAYOUTS),
                                       ("precision", self.precision, PRECISIONS),
                                       ("ensemble", self.ensemble, ENSEMBLES)):

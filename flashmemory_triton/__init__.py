@@ -43,8 +43,12 @@ __all__ = [  # exactly the keys of _EXPORTS and _SUBMODULES (tests check it)
 
 if TYPE_CHECKING:  # static tools see the eager imports
     from . import constants, formats, paged
-    from .reference import (apply_rope, dequant_compressed_k, hadamard_transform,
-                            precompute_freqs_cis)
+    from .reference import (
+        apply_rope,
+        dequant_compressed_k,
+        hadamard_transform,
+        precompute_freqs_cis,
+    )
     from .retriever import FlashMemoryRetriever, topk_mask
     from .selection import ResidentSet, ThresholdFallback, select_resident
 

@@ -87,7 +87,8 @@ def positions(name: str, pos: torch.Tensor, batch: int) -> torch.Tensor:
     :func:`values_readable`: not on meta, not during CUDA graph capture)."""
     tensor(name, pos, integer=True, ndim=1)
     if pos.shape[0] != batch:
-        raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {describe(pos)}")
+        raise ValueError(f"{name} must have shape ({batch},) to match the batch, got "
+                         f"{describe(pos)}")
     if pos.numel() and values_readable(pos.device) and bool((pos < 0).any()):
         raise ValueError(f"{name} must be non-negative token positions, got min {int(pos.min())}")
     return pos

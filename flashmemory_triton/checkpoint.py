@@ -27,8 +27,8 @@ import os
 import pickle
 import re
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
@@ -154,7 +154,8 @@ def _torch_load(path: Path):
         raise CheckpointError(f"{path}: cannot read it: {exc}") from None
     except Exception as exc:  # RuntimeError (zip reader), EOFError, ... from a damaged file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise unreadable(f"not a readable torch.save file (truncated or corrupt?): {first}") from None
+        raise unreadable(
+            f"not a readable torch.save file (truncated or corrupt?): {first}") from None
 
 
 def _open(path: Path):
@@ -176,7 +177,8 @@ def _layer_list(layers) -> list[str] | None:
     try:
         names = list(layers)
     except TypeError:
-        raise TypeError(f"layers must be a sequence of layer names, got {type(layers).__name__}") from None
+        raise TypeError("layers must be a sequence of layer names, "
+                        f"got {type(layers).__name__}") from None
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"layers must be a non-empty sequence of layer names, got {layers!r}")
     if len(set(names)) != len(names):
@@ -184,9 +186,9 @@ def _layer_list(layers) -> list[str] | None:
     return names
 
 
-def _joint_layout(path: Path, keys: list[str], natural_order: bool) -> "OrderedDict[str, dict]":
+def _joint_layout(path: Path, keys: list[str], natural_order: bool) -> OrderedDict[str, dict]:
     """``{layer: {param: key}}`` for every ``retrievers.<layer>.<param>`` key."""
-    layout: "OrderedDict[str, dict]" = OrderedDict()
+    layout: OrderedDict[str, dict] = OrderedDict()
     for key in keys:
         if not key.startswith(C.JOINT_PREFIX):
             continue
@@ -212,7 +214,7 @@ def _per_layer_name(path: Path, layers: list[str] | None) -> str:
 
 
 def _select(path: Path, keys: list[str], layers: list[str] | None,
-            natural_order: bool) -> "OrderedDict[str, dict]":
+            natural_order: bool) -> OrderedDict[str, dict]:
     """Pick ``{layer: {param: key}}`` for the requested layers, checking presence only."""
     layout = _joint_layout(path, keys, natural_order)
     joint = bool(layout)
@@ -280,8 +282,8 @@ def _layer_dims(source: str, keys: Mapping[str, str], p: Mapping[str, torch.Tens
 
 def _check_layers(source: str, layout: Mapping[str, Mapping[str, str]],
                   states: Mapping[str, Mapping[str, torch.Tensor]], head_dim: int,
-                  check_finite: bool) -> "OrderedDict[str, dict]":
-    out: "OrderedDict[str, dict]" = OrderedDict()
+                  check_finite: bool) -> OrderedDict[str, dict]:
+    out: OrderedDict[str, dict] = OrderedDict()
     first = None
     for name, keys in layout.items():
         params = {param: _check_tensor(source, keys[param], states[name][param], check_finite)
@@ -292,13 +294,14 @@ def _check_layers(source: str, layout: Mapping[str, Mapping[str, str]],
         elif dims != first[1]:
             raise CheckpointError(
                 f"{source}: layer {name!r} has (hidden, q_lora_rank, n_heads) {dims} but layer "
-                f"{first[0]!r} has {first[1]} (see {keys['wq_a.weight']!r}, {keys['wq_b.weight']!r})")
+                f"{first[0]!r} has {first[1]} (see {keys['wq_a.weight']!r}, "
+                f"{keys['wq_b.weight']!r})")
         out[name] = params
     return out
 
 
 def check_layer_states(states: Mapping, source: str = "layer_states", head_dim: int = C.HEAD_DIM,
-                       check_finite: bool = True) -> "OrderedDict[str, dict]":
+                       check_finite: bool = True) -> OrderedDict[str, dict]:
     """Validate an in-memory ``{layer: {param: tensor}}`` like a loaded checkpoint."""
     if not isinstance(states, Mapping) or not states:
         raise TypeError(f"{source} must be a non-empty mapping {{layer: {{param: tensor}}}}, "
@@ -318,7 +321,7 @@ def check_layer_states(states: Mapping, source: str = "layer_states", head_dim: 
 
 # --- public loaders ---------------------------------------------------------------------------
 def load_layer_states(path, layers: Sequence[str] | None = None, *, head_dim: int = C.HEAD_DIM,
-                      check_finite: bool = True) -> "OrderedDict[str, dict]":
+                      check_finite: bool = True) -> OrderedDict[str, dict]:
     """Read a joint or per-layer checkpoint into ``{layer: {param: tensor}}`` (CPU tensors).
 
     ``path`` may also be a directory, searched like :func:`find_checkpoint_in_dir`. ``layers``
@@ -428,9 +431,15 @@ def resolve_pretrained(repo_id: str = DEFAULT_REPO_ID, filename: str | None = No
         raise FileNotFoundError(f"{repo_id!r} looks like a local path but no such directory exists")
 
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HFValidationError,
-                                       HfHubHTTPError, LocalEntryNotFoundError,
-                                       RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     candidates = (filename,) if filename is not None else CHECKPOINT_CANDIDATES
     where = f"{repo_id!r} (revision {revision or 'main'})"
@@ -453,7 +462,8 @@ def resolve_pretrained(repo_id: str = DEFAULT_REPO_ID, filename: str | None = No
             raise ValueError(f"repo_id {repo_id!r} is neither an existing local directory nor a "
                              f"valid Hugging Face repo id: {exc}") from None
         except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
-            raise FileNotFoundError(f"Hugging Face repo {where}: {str(exc).splitlines()[0]}") from None
+            raise FileNotFoundError(
+                f"Hugging Face repo {where}: {str(exc).splitlines()[0]}") from None
         except HfHubHTTPError as exc:
             raise FileNotFoundError(f"Hugging Face repo {where}: download failed: "
                                     f"{str(exc).splitlines()[0]}") from None

@@ -105,7 +105,7 @@ def chunk_masks(compressed_k: torch.Tensor, slab: int = 1 << 16
     return scale * _FP16_TO_E4M3, bad
 
 
-def decode_block(rows: torch.Tensor, scale256: torch.Tensor, ws: "_Workspace | None" = None
+def decode_block(rows: torch.Tensor, scale256: torch.Tensor, ws: _Workspace | None = None
                  ) -> torch.Tensor:
     """Row-format chunks ``uint8 [n, D + 4]`` and their ``2**8 * scale`` -> fp32 keys ``[n, D]``,
     exactly :func:`reference.dequant_compressed_k`'s for every chunk :func:`chunk_masks` does

@@ -219,7 +219,8 @@ class MaskedMemory:
     def set_resident(self, mask: torch.Tensor):
         self.idx, self.valid = selected_indices(mask)
         B = mask.shape[0]
-        row_base = torch.arange(B, device=mask.device, dtype=torch.int64)[:, None] * self.history.capacity
+        rows = torch.arange(B, device=mask.device, dtype=torch.int64)[:, None]
+        row_base = rows * self.history.capacity
         self.flat_idx = (row_base + self.idx.clamp(min=0)).flatten()  # int64 addresses
         return None
 
@@ -279,7 +280,8 @@ def decode(cfg: DecodeConfig, log=print) -> DecodeResult:
     keys = ChunkHistory(B, C.CHUNK_BYTES, page_size=cfg.page_size, device=device,
                         capacity=cfg.final_chunks())
     keys.append(synthetic.mock_compressed_k(B, cfg.n_chunks, generator=gen, device=device))
-    fallback = ThresholdFallback(B, cfg.fallback_bound, device) if cfg.fallback_bound is not None else None
+    fallback = (ThresholdFallback(B, cfg.fallback_bound, device)
+                if cfg.fallback_bound is not None else None)
     sel_kwargs = dict(mode=cfg.select, threshold=cfg.threshold, recent=cfg.recent, sink=cfg.sink,
                       page_size=cfg.page_size, max_pages=cfg.max_pages, fallback=fallback)
     if cfg.select == "chunk":
@@ -350,7 +352,8 @@ def decode(cfg: DecodeConfig, log=print) -> DecodeResult:
                "seconds": elapsed}
     summary["saving"] = 1.0 - summary["device_kv_bytes"] / full_bytes if full_bytes else 0.0
     _log_summary(cfg, device, summary, log)
-    return DecodeResult(tokens=torch.stack(tokens, dim=1) if tokens else torch.zeros(B, 0, dtype=torch.int64),
+    return DecodeResult(tokens=torch.stack(tokens, dim=1) if tokens
+                        else torch.zeros(B, 0, dtype=torch.int64),
                         logits=torch.stack(logits_out, dim=1) if logits_out
                         else torch.zeros(B, 0, cfg.vocab),
                         cycles=cycles, summary=summary)
@@ -375,8 +378,8 @@ def _log_summary(cfg: DecodeConfig, device: torch.device, s: dict, log) -> None:
             f"{s['device_kv_bytes'] / full if full else 0:.2%} of full, saving {s['saving']:.2%}; "
             f"moved {s['pages_moved']} pages, {_fmt_bytes(s['bytes_moved'])} host->device")
     else:
-        log(f"  {_kv_label(device)} {_fmt_bytes(s['device_kv_bytes'])} (no --offload: the full cache stays "
-            f"on the device; --offload would keep about {frac:.2%})")
+        log(f"  {_kv_label(device)} {_fmt_bytes(s['device_kv_bytes'])} (no --offload: the full "
+            f"cache stays on the device; --offload would keep about {frac:.2%})")
 
 
 # --- CLI ------------------------------------------------------------------------------------
@@ -389,7 +392,8 @@ def add_arguments(parser) -> None:
     a("--n-chunks", type=int, default=d.n_chunks,
       help="chunks of prompt history (4 tokens each; default %(default)s)")
     a("--batch", type=int, default=d.batch)
-    a("--select", choices=SELECT_MODES, default=d.select, help="selection mode (default %(default)s)")
+    a("--select", choices=SELECT_MODES, default=d.select,
+      help="selection mode (default %(default)s)")
     a("--threshold", type=float, default=d.threshold, help="hit = score > threshold")
     a("--recent", type=int, default=d.recent, help="recent tail in CHUNKS (default %(default)s)")
     a("--sink", type=int, default=d.sink, help="sink chunks (default %(default)s)")

@@ -68,12 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--ckpt", metavar="PATH",
                        help="a .safetensors/.pt joint or per-layer checkpoint, or a directory")
     which.add_argument("--hub", metavar="REPO", nargs="?", const=DEFAULT_REPO_ID,
-                       help="Hugging Face repo id or local directory (bare --hub: the release repo)")
+                       help="Hugging Face repo id or local directory "
+                            "(bare --hub: the release repo)")
     src.add_argument("--hub-filename", metavar="FILE",
                      help="file inside the repo (default: flashmemory_ds_v4.safetensors, then "
                           "checkpoints/top3_R930_joint.pt)")
     src.add_argument("--revision", help="hub branch, tag or commit (default: main)")
-    src.add_argument("--cache-dir", metavar="DIR", help="hub cache directory (default: the HF cache)")
+    src.add_argument("--cache-dir", metavar="DIR",
+                     help="hub cache directory (default: the HF cache)")
     src.add_argument("--local-files-only", action="store_true",
                      help="never touch the network; use the hub cache only")
     src.add_argument("--layers", type=_layer_list, metavar="LAYERS",
@@ -93,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-position", type=_int_at_least(1), default=C.MAX_POSITION_RELEASE,
                      help=f"RoPE table rows (default: {C.MAX_POSITION_RELEASE}; serving uses "
                           f"{C.MAX_POSITION_SERVING})")
-    run.add_argument("--seed", type=_int_at_least(0), default=0, help="mock-input seed (default: 0)")
+    run.add_argument("--seed", type=_int_at_least(0), default=0,
+                     help="mock-input seed (default: 0)")
 
     sel = parser.add_argument_group("selection and timing")
     sel.add_argument("--ensemble", choices=ENSEMBLE_MODES, default="max",
@@ -139,7 +142,8 @@ def _load_model(args, device, dtype):
     try:
         path = ensure_default_checkpoint(progress=_log)
     except OSError as exc:
-        raise ValueError(f"cannot write the synthetic checkpoint cache {default_checkpoint_path()}: "
+        raise ValueError("cannot write the synthetic checkpoint cache "
+                         f"{default_checkpoint_path()}: "
                          f"{exc}; set FLASHMEMORY_CACHE to a writable directory") from None
     return FlashMemoryRetriever.from_checkpoint(path, **kwargs), f"{path} (synthetic default)"
 
@@ -209,8 +213,9 @@ def run(args) -> int:
     context = N * C.TOKENS_PER_CHUNK
     positions = torch.full((B,), context - 1, dtype=torch.int64, device=device)
     print(f"[demo] mock inputs (seed {args.seed}): hidden {tuple(hidden.shape)} float32, "
-          f"compressed_k {tuple(compressed_k.shape)} uint8 ({compressed_k.numel() / 2**20:.2f} MiB), "
-          f"positions {context - 1} per row (context {context} tokens = {N} chunks)")
+          f"compressed_k {tuple(compressed_k.shape)} uint8 "
+          f"({compressed_k.numel() / 2**20:.2f} MiB), positions {context - 1} per row "
+          f"(context {context} tokens = {N} chunks)")
     if context - 1 >= model.max_position:
         print(f"[demo] note: position {context - 1} >= max_position {model.max_position}; "
               "RoPE clamps it to the last table row (raise --max-position)")
@@ -224,8 +229,8 @@ def run(args) -> int:
             print(f"    {name:<{width}}  {_stats(s)}  keep {keep:.1%}")
 
         scores = model.ensemble(hidden, compressed_k, positions, mode=args.ensemble)
-        print(f"\n[demo] ensemble ({args.ensemble}) of {model.n_layers} layer(s): {_stats(scores)}  "
-              f"keep {(scores > thr).float().mean().item():.1%}")
+        print(f"\n[demo] ensemble ({args.ensemble}) of {model.n_layers} layer(s): "
+              f"{_stats(scores)}  keep {(scores > thr).float().mean().item():.1%}")
         for b in range(B):
             preview = ", ".join(f"{v:.3f}" for v in scores[b, :_PREVIEW].tolist())
             print(f"    row {b}: [{preview}{', ...' if N > _PREVIEW else ''}]")

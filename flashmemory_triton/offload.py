@@ -126,7 +126,8 @@ class ChunkHistory:
         V.tensor("rows", rows, dtype=torch.uint8, ndim=3)
         _has_data("rows", rows)
         if rows.shape[0] != self.batch or rows.shape[2] != self.row_bytes:
-            raise ValueError(f"rows must be [{self.batch}, n, {self.row_bytes}], got {V.describe(rows)}")
+            raise ValueError(f"rows must be [{self.batch}, n, {self.row_bytes}], got "
+                             f"{V.describe(rows)}")
         n = rows.shape[1]
         counts = self._counts(counts, n)
         end = self.lengths + counts
@@ -165,7 +166,8 @@ class ChunkHistory:
         if counts.shape != (self.batch,):
             raise ValueError(f"counts must have shape ({self.batch},), got {tuple(counts.shape)}")
         if bool((counts < 0).any()) or bool((counts > n).any()):
-            raise ValueError(f"counts must be in [0, n={n}] (the rows given), got {counts.tolist()}")
+            raise ValueError(f"counts must be in [0, n={n}] (the rows given), "
+                             f"got {counts.tolist()}")
         return counts
 
 
@@ -217,7 +219,8 @@ class OffloadEngine:
         if not row_shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
                                 for d in row_shape):
             raise ValueError(f"row_shape must be positive ints, got {row_shape!r}")
-        if isinstance(reserve_pages, bool) or not isinstance(reserve_pages, int) or reserve_pages < 0:
+        if (isinstance(reserve_pages, bool) or not isinstance(reserve_pages, int)
+                or reserve_pages < 0):
             raise ValueError(f"reserve_pages must be a non-negative int, got {reserve_pages!r}")
         self.device = torch.device(device)
         self.on_cuda = self.device.type == "cuda"
@@ -252,7 +255,7 @@ class OffloadEngine:
         self._copy_done = None  # CUDA event of the last copy (staging reuse waits on it)
 
     @classmethod
-    def from_history(cls, history: torch.Tensor, *, reserve_pages: int, **kwargs) -> "OffloadEngine":
+    def from_history(cls, history: torch.Tensor, *, reserve_pages: int, **kwargs) -> OffloadEngine:
         """Engine whose host copy starts as ``history [B, N, *row_shape]`` (any dtype)."""
         V.tensor("history", history)
         if history.dim() < 3:
@@ -287,7 +290,8 @@ class OffloadEngine:
     def reserve_rows(self) -> torch.Tensor:
         """The reserve as ``[n_cells * page_size, *row_shape]`` of the payload dtype (a view)."""
         flat = self.reserve.view(-1, self.row_bytes)
-        return (flat if self.dtype == torch.uint8 else flat.view(self.dtype)).view(-1, *self.row_shape)
+        typed = flat if self.dtype == torch.uint8 else flat.view(self.dtype)
+        return typed.view(-1, *self.row_shape)
 
     # --- history ------------------------------------------------------------------------------
     def append(self, payload: torch.Tensor, counts=None) -> None:
@@ -299,7 +303,8 @@ class OffloadEngine:
         V.tensor("payload", payload, dtype=self.dtype)
         if payload.dim() != 2 + len(self.row_shape) or payload.shape[0] != self.batch \
                 or tuple(payload.shape[2:]) != self.row_shape:
-            raise ValueError(f"payload must be [{self.batch}, n, {', '.join(map(str, self.row_shape))}] "
+            raise ValueError(f"payload must be [{self.batch}, n, "
+                             f"{', '.join(map(str, self.row_shape))}] "
                              f"{self.dtype}, got {V.describe(payload)}")
         _has_data("payload", payload)
         rows = _bytes_view(payload, 2)
@@ -430,7 +435,8 @@ class OffloadEngine:
         if self._copy_done is not None:
             self._copy_done.synchronize()  # the previous copy may still be reading staging
         if self._staging is None or self._staging.shape[0] < n:
-            self._staging = torch.empty(max(n, 2 * (0 if self._staging is None else self._staging.shape[0])),
+            grown = 2 * (0 if self._staging is None else self._staging.shape[0])
+            self._staging = torch.empty(max(n, grown),
                                         self.page_size, self.row_bytes, dtype=torch.uint8,
                                         pin_memory=self.history.pin_memory)
         staging = self._staging[:n]
@@ -514,7 +520,8 @@ class OffloadEngine:
         return rows.view(*chunks.shape, *self.row_shape), present
 
     def check_consistency(self) -> None:
-        """Raise ``RuntimeError`` if any cell, page-table or lookup entry disagrees with the host."""
+        """Raise ``RuntimeError`` if any cell, page-table or lookup entry disagrees with the
+        host."""
         ps = self.page_size
         for c in range(self.n_cells):
             b, p = int(self.cell_row[c]), int(self.cell_page[c])
@@ -532,5 +539,6 @@ class OffloadEngine:
         for b, n in zip(rows.tolist(), chunks.tolist()):
             slot = int(lookup[b, n])
             c, off = divmod(slot, ps)
-            if int(self.page_cell[b, n // ps]) != c or off != n % ps or off >= int(self.cell_valid[c]):
+            if (int(self.page_cell[b, n // ps]) != c or off != n % ps
+                    or off >= int(self.cell_valid[c])):
                 raise RuntimeError(f"lookup[{b}, {n}] = {slot} does not point at that chunk")

@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import torch
 
+from . import _validate as V
 from . import constants as C
 from . import reference as ref
-from . import _validate as V
 from .utils import _device
 
 ENSEMBLES = ("max", "mean")
@@ -71,7 +71,8 @@ def _resolve_precision(precision: str | None) -> str:
 
 def prepare_queries(q_proj: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, *,
                     max_position: int = C.MAX_POSITION_RELEASE, precision: str | None = None,
-                    backend: str = "auto", rope_freqs: torch.Tensor | None = None) -> PreparedQueries:
+                    backend: str = "auto",
+                    rope_freqs: torch.Tensor | None = None) -> PreparedQueries:
     """Round, rotate and Hadamard-transform projected queries (design §3 steps 5-6).
 
     ``q_proj`` float ``[L, B, H, D]`` (or ``[B, H, D]`` for one layer), ``w`` float
@@ -182,6 +183,7 @@ def score_prepared(prepared: PreparedQueries, compressed_k: torch.Tensor, *,
         return _score_torch(q, w, compressed_k, ensemble, logit_offset, return_logits,
                             prepared.backend)
     import os
+
     from .kernels.score import fused_score_launch
     if autotune is None:
         autotune = os.environ.get("FLASHMEMORY_AUTOTUNE", "0") == "1"

@@ -109,7 +109,8 @@ def yarn_ramp_bounds(dim: int = C.ROPE_DIM, base: float = C.ROPE_THETA,
                      beta_slow: int = C.ROPE_BETA_SLOW) -> tuple[int, int]:
     """``(low, high)`` of the YaRN ramp: (15, 25) for the release."""
     low = max(math.floor(_yarn_correction_dim(beta_fast, dim, base, original_seq_len)), 0)
-    high = min(math.ceil(_yarn_correction_dim(beta_slow, dim, base, original_seq_len)), dim // 2 - 1)
+    high = min(math.ceil(_yarn_correction_dim(beta_slow, dim, base, original_seq_len)),
+               dim // 2 - 1)
     return low, high
 
 
@@ -266,7 +267,8 @@ def keys_logits(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Tensor,
     return pin_nonfinite(score_logits(q, w, k, logit_offset), compressed_k, head_dim)
 
 
-def ensemble_scores(per_layer: list[torch.Tensor] | torch.Tensor, mode: str = "max") -> torch.Tensor:
+def ensemble_scores(per_layer: list[torch.Tensor] | torch.Tensor,
+                    mode: str = "max") -> torch.Tensor:
     """Combine per-layer sigmoid scores ``[B, N]`` by ``max`` (union) or ``mean``."""
     stacked = per_layer if isinstance(per_layer, torch.Tensor) else torch.stack(list(per_layer))
     if mode == "max":

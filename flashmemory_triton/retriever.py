@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from . import _validate as V
 from . import constants as C
 from . import reference as ref
-from . import _validate as V
 from .utils import _device
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
@@ -26,9 +26,9 @@ class UnknownLayerError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-def split_joint_state(state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, dict]":
+def split_joint_state(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, dict]:
     """``retrievers.<layer>.<param>`` keys -> ``{layer: {param: tensor}}`` in key order."""
-    layers: "OrderedDict[str, dict]" = OrderedDict()
+    layers: OrderedDict[str, dict] = OrderedDict()
     for key, value in state.items():
         if not key.startswith(C.JOINT_PREFIX):
             continue
@@ -63,7 +63,8 @@ class FlashMemoryRetriever(nn.Module):
         super().__init__()
         V.choice("backend", backend, BACKENDS)
         if dtype not in WEIGHT_DTYPES:
-            raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+            raise TypeError("dtype must be torch.float32, torch.bfloat16 or torch.float16, got "
+                            f"{dtype}")
         V.positive_int("max_position", max_position)
         states = self._normalize_states(layer_states)
         self.head_dim = int(head_dim) if head_dim is not None else C.HEAD_DIM
@@ -107,7 +108,7 @@ class FlashMemoryRetriever(nn.Module):
 
     # --- construction helpers -------------------------------------------------------------
     @staticmethod
-    def _normalize_states(layer_states: Mapping) -> "OrderedDict[str, dict]":
+    def _normalize_states(layer_states: Mapping) -> OrderedDict[str, dict]:
         if not isinstance(layer_states, Mapping) or not layer_states:
             raise TypeError("layer_states must be a non-empty mapping {layer: {param: tensor}} "
                             f"or a joint state dict, got {type(layer_states).__name__}")
@@ -147,8 +148,9 @@ class FlashMemoryRetriever(nn.Module):
                 raise ValueError(f"layer {name!r} q_norm_weight must be [{rank}], "
                                  f"got {tuple(p['q_norm_weight'].shape)}")
             if tuple(p["weights_proj.weight"].shape) != (n_heads, hidden):
-                raise ValueError(f"layer {name!r} weights_proj.weight must be [{n_heads}, {hidden}] "
-                                 f"(H = wq_b rows / head_dim), got {tuple(p['weights_proj.weight'].shape)}")
+                raise ValueError(f"layer {name!r} weights_proj.weight must be "
+                                 f"[{n_heads}, {hidden}] (H = wq_b rows / head_dim), got "
+                                 f"{tuple(p['weights_proj.weight'].shape)}")
             dims = (hidden, rank, n_heads)
             if first is None:
                 first = dims
@@ -159,7 +161,7 @@ class FlashMemoryRetriever(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", max_position: int = C.MAX_POSITION_RELEASE,
-                        layers=None, **kwargs) -> "FlashMemoryRetriever":
+                        layers=None, **kwargs) -> FlashMemoryRetriever:
         """Load a joint (``retrievers.<layer>.*``) or per-layer checkpoint (.safetensors/.pt)."""
         from .checkpoint import load_layer_states
         # The loader derives H from wq_b rows / head_dim, so it needs the caller's head_dim.
@@ -172,7 +174,7 @@ class FlashMemoryRetriever(nn.Module):
                         filename: str | None = None, revision: str | None = None,
                         cache_dir=None, local_files_only: bool = False, device="cpu",
                         max_position: int = C.MAX_POSITION_RELEASE, layers=None,
-                        **kwargs) -> "FlashMemoryRetriever":
+                        **kwargs) -> FlashMemoryRetriever:
         """Fetch the checkpoint through ``huggingface_hub`` (or a local directory) and load it."""
         from .checkpoint import resolve_pretrained
         path = resolve_pretrained(repo_id, filename=filename, revision=revision,
@@ -313,7 +315,8 @@ class FlashMemoryRetriever(nn.Module):
                             return_logits=want_logits)
 
     def forward(self, hidden, compressed_k, positions, apply_sigmoid: bool = True):
-        """``{layer: [B, N]}`` in layer order: sigmoid scores, or logits if not ``apply_sigmoid``."""
+        """``{layer: [B, N]}`` in layer order: sigmoid scores, or logits if not
+        ``apply_sigmoid``."""
         logits = self.logits(hidden, compressed_k, positions)
         out = torch.sigmoid(logits) if apply_sigmoid else logits
         return OrderedDict((name, out[i]) for i, name in enumerate(self.layer_names))
@@ -348,7 +351,8 @@ class FlashMemoryRetriever(nn.Module):
 
     def select_topk(self, hidden, compressed_k, positions, top_k: int | None = None,
                     threshold: float | None = None, mode: str = "max") -> torch.Tensor:
-        """Boolean keep-mask ``[B, N]``: the ``top_k`` best chunks per row, or ``score > threshold``.
+        """Boolean keep-mask ``[B, N]``: the ``top_k`` best chunks per row, or
+        ``score > threshold``.
 
         Exactly one of ``top_k`` / ``threshold``. ``top_k`` larger than N keeps every chunk.
         Ties at the k-th score go to the lower chunk index. NaN scores are never selected.

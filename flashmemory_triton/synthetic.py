@@ -12,8 +12,9 @@ around 0 the mean logit over chunks is as often positive as negative: half of th
 keep most chunks and half almost none, whatever the weights. Real residual streams are not
 symmetric: every token shares a strong common component (the anisotropy / "massive
 activation" directions of LLM hidden states). :func:`mock_hidden` therefore draws
-``x = z + m`` with ``z ~ N(0, I)`` and a fixed ``+-1`` vector ``m`` (:func:`shared_hidden_component`),
-and ``weights_proj`` reads that component with a small negative mean over heads:
+``x = z + m`` with ``z ~ N(0, I)`` and a fixed ``+-1`` vector ``m``
+(:func:`shared_hidden_component`), and ``weights_proj`` reads that component with a small
+negative mean over heads:
 
 * ``x . weights_proj[h] = S * (beta_h + g * zeta_h)`` where ``beta_h`` is a per-head constant
   with mean exactly ``-KAPPA / sqrt(H)`` and spread 1 (stratified over heads, so the mean is
@@ -49,8 +50,8 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -104,7 +105,8 @@ def _layer_names(layers) -> tuple[str, ...]:
     try:
         names = tuple(layers)
     except TypeError:
-        raise TypeError(f"layers must be a sequence of layer names, got {type(layers).__name__}") from None
+        raise TypeError("layers must be a sequence of layer names, "
+                        f"got {type(layers).__name__}") from None
     if not names:
         raise ValueError("layers must name at least one layer, got an empty sequence")
     for name in names:
@@ -179,7 +181,7 @@ def _make_layer(hidden: int, rank: int, n_heads: int, head_dim: int,
 def make_layer_states(hidden: int = C.HIDDEN_SIZE, rank: int = C.Q_LORA_RANK,
                       n_heads: int = C.DEFAULT_N_HEADS, head_dim: int = C.HEAD_DIM,
                       layers: Sequence[str] = C.LAYER_NAMES, seed: int = 0,
-                      dtype: torch.dtype = torch.float32) -> "OrderedDict[str, dict]":
+                      dtype: torch.dtype = torch.float32) -> OrderedDict[str, dict]:
     """Synthetic ``{layer: {param: tensor}}`` with the release's keys, deterministic in ``seed``.
 
     Shapes: ``wq_a [rank, hidden]``, ``wq_b [n_heads*head_dim, rank]``, ``q_norm_weight
@@ -192,7 +194,7 @@ def make_layer_states(hidden: int = C.HIDDEN_SIZE, rank: int = C.Q_LORA_RANK,
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if dtype not in _ALLOWED_DTYPES:
         raise TypeError(f"dtype must be one of {[str(d) for d in _ALLOWED_DTYPES]}, got {dtype}")
-    states: "OrderedDict[str, dict]" = OrderedDict()
+    states: OrderedDict[str, dict] = OrderedDict()
     for layer in _layer_names(layers):
         params = _make_layer(hidden, rank, n_heads, head_dim, _layer_generator(seed, layer))
         states[layer] = {k: v.to(dtype) for k, v in params.items()}
@@ -271,9 +273,10 @@ def write_checkpoint(path, states: Mapping | None = None, *, head_dim: int = C.H
                     "synthetic_version": str(SYNTHETIC_VERSION), "seed": str(seed),
                     **(metadata or {})}
     elif make_kwargs:
-        raise TypeError(f"write_checkpoint got both states and generator options {sorted(make_kwargs)}")
+        raise TypeError("write_checkpoint got both states and generator options "
+                        f"{sorted(make_kwargs)}")
     states = check_layer_states(states, source="states", head_dim=head_dim)
-    flat: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    flat: OrderedDict[str, torch.Tensor] = OrderedDict()
     for layer, params in states.items():
         for param in C.PARAM_NAMES:
             flat[f"{C.JOINT_PREFIX}{layer}.{param}"] = params[param].detach().cpu().contiguous()
@@ -303,7 +306,8 @@ def write_checkpoint(path, states: Mapping | None = None, *, head_dim: int = C.H
 
 # --- the embedded default -----------------------------------------------------------------------
 def cache_dir() -> Path:
-    """``$FLASHMEMORY_CACHE``, else ``$XDG_CACHE_HOME/flashmemory_triton``, else ``~/.cache/...``."""
+    """``$FLASHMEMORY_CACHE``, else ``$XDG_CACHE_HOME/flashmemory_triton``, else
+    ``~/.cache/...``."""
     env = os.environ.get("FLASHMEMORY_CACHE")
     if env:
         return Path(env).expanduser()

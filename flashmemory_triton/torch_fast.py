@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from . import _validate as V
 from . import constants as C
 from . import reference as ref
-from . import _validate as V
 from .ops import ENSEMBLES, _check_keys, prepare_queries
 
 PRECISIONS = ("bf16", "fp32")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Write a deterministic synthetic FlashMemory joint checkpoint in the release format.
 
-    python scripts/make_synthetic_checkpoint.py out/flashmemory_ds_v4.safetensors   # full size, 510 MB
+    # full size, 510 MB:
+    python scripts/make_synthetic_checkpoint.py out/flashmemory_ds_v4.safetensors
     python scripts/make_synthetic_checkpoint.py tiny.pt --hidden 256 --rank 64 --freqs-cis 1024
     python scripts/make_synthetic_checkpoint.py --default   # fill the demo's cache
 
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) "
+          f"in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -48,7 +48,8 @@ def bf16_round(x: torch.Tensor) -> torch.Tensor:
 
 
 def sylvester_hadamard(n: int, dtype=torch.float64) -> torch.Tensor:
-    """Unnormalized Sylvester Hadamard matrix by the Kronecker recursion H_2n = [[H, H], [H, -H]]."""
+    """Unnormalized Sylvester Hadamard matrix by the Kronecker recursion
+    H_2n = [[H, H], [H, -H]]."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"n must be a power of two, got {n}")
     h = torch.ones(1, 1, dtype=dtype)
@@ -72,7 +73,8 @@ def pack_compressed_k(fp8_bytes: torch.Tensor, scales: torch.Tensor) -> torch.Te
 
 def random_fp8_bytes(shape, generator: torch.Generator, std: float = 0.5) -> torch.Tensor:
     """e4m3fn bytes of ``randn * std`` (the release demo's keys)."""
-    return (torch.randn(*shape, generator=generator) * std).to(torch.float8_e4m3fn).view(torch.uint8)
+    values = torch.randn(*shape, generator=generator) * std
+    return values.to(torch.float8_e4m3fn).view(torch.uint8)
 
 
 def random_compressed_k(*lead: int, n: int, generator: torch.Generator, head_dim: int = C.HEAD_DIM,
@@ -100,7 +102,7 @@ def dequant_independent(compressed_k: torch.Tensor, head_dim: int = C.HEAD_DIM) 
 # --- weights and inputs -------------------------------------------------------------------------
 def make_layer_states(hidden: int = 64, rank: int = 32, n_heads: int = 4,
                       head_dim: int = C.HEAD_DIM, layers=C.LAYER_NAMES, seed: int = 0,
-                      dtype=torch.float32) -> "OrderedDict[str, dict]":
+                      dtype=torch.float32) -> OrderedDict[str, dict]:
     """Tiny random ``{layer: {param: tensor}}`` with the release's relative scales.
 
     ``wq_a``/``wq_b``/``weights_proj`` are ``randn / sqrt(fan_in)`` so q has O(1) entries (as
@@ -119,7 +121,7 @@ def make_layer_states(hidden: int = 64, rank: int = 32, n_heads: int = 4,
     return states
 
 
-def joint_state_dict(states) -> "OrderedDict[str, torch.Tensor]":
+def joint_state_dict(states) -> OrderedDict[str, torch.Tensor]:
     """``{layer: {param: t}}`` -> the flat ``retrievers.<layer>.<param>`` checkpoint layout."""
     return OrderedDict((f"{C.JOINT_PREFIX}{layer}.{k}", v)
                        for layer, params in states.items() for k, v in params.items())

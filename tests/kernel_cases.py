@@ -30,7 +30,8 @@ def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_close(actual, expected, rtol_rms, name, *, nan_equal=True):
     """Relative RMS error check that reports max-abs and relative error; NaN positions must
     match exactly (a NaN-poisoned output that was never written fails here)."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
     an, en = torch.isnan(actual), torch.isnan(expected)
     if nan_equal:
         assert torch.equal(an, en), (f"{name}: NaN mismatch at {int((an != en).sum())} of "
@@ -42,7 +43,8 @@ def assert_close(actual, expected, rtol_rms, name, *, nan_equal=True):
     err = rel_rms(a, e)
     max_abs = float((a - e).abs().max())
     assert err <= rtol_rms, (f"{name}: relative RMS error {err:.3e} > {rtol_rms:.1e} "
-                             f"(max abs error {max_abs:.3e}, max |expected| {float(e.abs().max()):.3e})")
+                             f"(max abs error {max_abs:.3e}, max |expected| "
+                             f"{float(e.abs().max()):.3e})")
 
 
 def logits_f64(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Tensor,

@@ -5,8 +5,8 @@ work the roofline rests on. Model sizes are tiny (4 heads) so a sweep takes seco
 from __future__ import annotations
 
 import csv
-import math
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +18,7 @@ import torch
 
 from flashmemory_triton import cli
 from flashmemory_triton import constants as C
+
 # bench/ is installed with the package as flashmemory_triton.bench (pyproject's package-dir)
 from flashmemory_triton.bench import check, providers, runner, sweeps
 from flashmemory_triton.bench.inputs import ModelDims
@@ -87,7 +88,8 @@ def test_bench_entry_points(capsys):
     """``flashmemory-triton bench`` hands its arguments to the bench's own parser, under its
     name; ``python -m bench`` still runs from the repository root."""
     assert cli.main(["bench", "--mixed", "--n", "4K"]) == 2
-    assert "flashmemory-triton bench: error: --n does not apply to --mixed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "flashmemory-triton bench: error: --n does not apply to --mixed" in err
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "--help"])
     assert exc.value.code == 0 and "usage: flashmemory-triton bench" in capsys.readouterr().out
@@ -190,7 +192,8 @@ def test_check_output_conditions():
     bad = check.check_output(scores + 0.05, scores, logits, scores, logits, "bf16")
     assert not bad.ok and bad.reason.startswith("score error")
     # Wrong shape and NaN where the reference is finite are failures with a reason.
-    assert "shape" in check.check_output(scores[:, :10], scores, logits, scores, logits, "bf16").reason
+    short = check.check_output(scores[:, :10], scores, logits, scores, logits, "bf16")
+    assert "shape" in short.reason
     holed = logits.clone()
     holed[0, 0, 0] = float("nan")
     assert "non-finite" in check.check_output(scores, scores, holed, scores, logits, "bf16").reason
@@ -273,7 +276,7 @@ def test_mixed_providers_pass_the_check_under_interpreter(device):
     result = mixed.run_mixed(scenario, Model(TINY, device), **opts)
     rows = {(r["provider"], r["layout"]): r for r in result.rows}
     assert len(rows) == 2 * len(mixed.PROVIDERS)
-    for (name, layout), r in rows.items():
+    for r in rows.values():
         assert r["status"] == "ok", r
         assert r["median_ms"] > 0 and r["roofline_pct"] > 0
         assert r["logit_rel_rms"] <= r["tolerance"], r
@@ -286,8 +289,8 @@ def test_mixed_providers_pass_the_check_under_interpreter(device):
 def test_mixed_check_refuses_wrong_scores_and_wrong_fill(device, monkeypatch):
     """A provider off by 5% fails the check and is not timed; so does one whose padding past
     a request's length is not the documented fill."""
-    from flashmemory_triton.bench.inputs import Model
     from flashmemory_triton import paged
+    from flashmemory_triton.bench.inputs import Model
     opts, mixed = _mixed_options(triton_ok=True)
     real = paged.score_paged
 

@@ -19,11 +19,21 @@ from flashmemory_triton import FlashMemoryRetriever
 from flashmemory_triton import checkpoint as checkpoint_module
 from flashmemory_triton import constants as C
 from flashmemory_triton import reference as ref
-from flashmemory_triton.checkpoint import (CHECKPOINT_CANDIDATES, DEFAULT_REPO_ID, CheckpointError,
-                                           check_layer_states, find_checkpoint_in_dir,
-                                           load_layer_states, resolve_pretrained)
-from flashmemory_triton.synthetic import (make_layer_states, mock_compressed_k, mock_hidden,
-                                          write_checkpoint)
+from flashmemory_triton.checkpoint import (
+    CHECKPOINT_CANDIDATES,
+    DEFAULT_REPO_ID,
+    CheckpointError,
+    check_layer_states,
+    find_checkpoint_in_dir,
+    load_layer_states,
+    resolve_pretrained,
+)
+from flashmemory_triton.synthetic import (
+    make_layer_states,
+    mock_compressed_k,
+    mock_hidden,
+    write_checkpoint,
+)
 
 # Small but structurally complete: H = 256 / 128 = 2 heads, hidden 32, rank 16.
 SMALL = dict(hidden=32, rank=16, n_heads=2)
@@ -35,7 +45,7 @@ def states():
     return make_layer_states(**SMALL)
 
 
-def joint(states, prefix=C.JOINT_PREFIX) -> "OrderedDict[str, torch.Tensor]":
+def joint(states, prefix=C.JOINT_PREFIX) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((f"{prefix}{layer}.{p}", t) for layer, params in states.items()
                        for p, t in params.items())
 
@@ -172,7 +182,8 @@ def test_path_type():
 
 def test_missing_layer(tmp_path, states):
     path = write_checkpoint(tmp_path / "j.safetensors", states)
-    with pytest.raises(CheckpointError, match=r"j\.safetensors: layer 'l11' not found.*'l10', 'l12', 'l20'"):
+    with pytest.raises(CheckpointError,
+                       match=r"j\.safetensors: layer 'l11' not found.*'l10', 'l12', 'l20'"):
         load_layer_states(path, layers=["l10", "l11"])
 
 
@@ -195,7 +206,9 @@ def test_missing_key_per_layer(tmp_path, states):
 
 def test_not_a_retriever_checkpoint(tmp_path):
     save_file({"model.embed.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(CheckpointError, match=r"other\.safetensors: not a FlashMemory checkpoint.*model\.embed\.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"other\.safetensors: not a FlashMemory "
+                             r"checkpoint.*model\.embed\.weight"):
         load_layer_states(tmp_path / "other.safetensors")
 
 
@@ -261,7 +274,9 @@ def test_non_finite_weights(tmp_path, states):
     state["retrievers.l10.q_norm_weight"] = state["retrievers.l10.q_norm_weight"].clone()
     state["retrievers.l10.q_norm_weight"][3] = float("nan")
     save_file(dict(state), str(tmp_path / "nan.safetensors"))
-    with pytest.raises(CheckpointError, match=r"nan\.safetensors: 'retrievers\.l10\.q_norm_weight' holds 1 non-finite"):
+    with pytest.raises(CheckpointError,
+                       match=r"nan\.safetensors: 'retrievers\.l10\.q_norm_weight' holds 1 "
+                             r"non-finite"):
         load_layer_states(tmp_path / "nan.safetensors")
 
 
@@ -392,7 +407,8 @@ def test_resolve_from_hub_cache(tmp_path, states, no_network, available, expecte
     for local_only in (True, False):  # offline mode makes the hub use its cache either way
         path = resolve_pretrained(DEFAULT_REPO_ID, cache_dir=tmp_path / "hub",
                                   local_files_only=local_only)
-        assert path.as_posix().endswith(f"snapshots/{FAKE_COMMIT}/{CHECKPOINT_CANDIDATES[expected]}")
+        want = f"snapshots/{FAKE_COMMIT}/{CHECKPOINT_CANDIDATES[expected]}"
+        assert path.as_posix().endswith(want)
     assert_same_states(load_layer_states(path), states)
 
 
@@ -400,7 +416,8 @@ def test_resolve_hub_filename_and_revision(tmp_path, states, no_network):
     src = write_checkpoint(tmp_path / "src.safetensors", states)
     make_hub_cache(tmp_path / "hub", {"custom/w.safetensors": src}, ref_name="v1")
     kw = dict(cache_dir=tmp_path / "hub", local_files_only=True)
-    assert resolve_pretrained(DEFAULT_REPO_ID, filename="custom/w.safetensors", revision="v1", **kw).is_file()
+    assert resolve_pretrained(DEFAULT_REPO_ID, filename="custom/w.safetensors", revision="v1",
+                              **kw).is_file()
     assert resolve_pretrained(DEFAULT_REPO_ID, filename="custom/w.safetensors",
                               revision=FAKE_COMMIT, **kw).is_file()
     with pytest.raises(FileNotFoundError, match=r"revision main.*custom/w\.safetensors"):
@@ -461,7 +478,8 @@ def test_from_pretrained_offline(tmp_path, states, no_network, device):
         assert torch.equal(model.layer_weights("l20")[p].cpu(), states["l20"][p])
     # The same through a plain local directory in place of the repo id.
     local = FlashMemoryRetriever.from_pretrained(str(tmp_path / "hub" / (
-        "models--" + DEFAULT_REPO_ID.replace("/", "--")) / "snapshots" / FAKE_COMMIT), backend="torch")
+        "models--" + DEFAULT_REPO_ID.replace("/", "--")) / "snapshots" / FAKE_COMMIT),
+        backend="torch")
     assert local.layer_names == list(C.LAYER_NAMES)
 
 
@@ -478,5 +496,6 @@ def test_from_checkpoint_custom_head_dim(tmp_path):
     path = write_checkpoint(tmp_path / "d64.safetensors", states, head_dim=64)
     model = FlashMemoryRetriever.from_checkpoint(path, head_dim=64, backend="torch")
     assert (model.n_heads, model.head_dim) == (4, 64)
-    with pytest.raises(CheckpointError, match=r"weights_proj\.weight' has shape \(4, 16\), expected \[2, 16\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"weights_proj\.weight' has shape \(4, 16\), expected \[2, 16\]"):
         load_layer_states(path)  # read with head_dim 128: 256 rows -> 2 heads

@@ -28,7 +28,6 @@ from flashmemory_triton import ops, select_resident
 from flashmemory_triton import reference as ref
 from flashmemory_triton.offload import OffloadEngine
 from flashmemory_triton.utils import _device
-
 from test_retriever_api import build, inputs
 
 THREADS = 4
@@ -60,7 +59,8 @@ def test_torch_backend_threads_equal_serial(device):
     serial = [_call(model, job, i) for i, job in enumerate(jobs)]
     for _ in range(2):  # a second round, with the threads started in another order
         with ThreadPoolExecutor(THREADS) as pool:
-            parallel = list(pool.map(lambda a: _call(model, *a), reversed(list(zip(jobs, range(24))))))
+            parallel = list(pool.map(lambda a: _call(model, *a),
+                                     reversed(list(zip(jobs, range(24))))))
         for got, want in zip(reversed(parallel), serial):
             assert torch.equal(got, want)
 
@@ -153,7 +153,7 @@ def test_cpu_and_gpu_retrievers_side_by_side(device):
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
 
 
-# --- the offload engine, interrupted -----------------------------------------------------------------
+# --- the offload engine, interrupted --------------------------------------------------------------
 PS, N0 = 4, 24
 
 

@@ -24,11 +24,10 @@ import os
 import pytest
 import torch
 
+from _helpers import U32, assert_within, dequant_independent, make_layer_states
 from flashmemory_triton import FlashMemoryRetriever, cpu_path, ops, paged
 from flashmemory_triton import constants as C
 from flashmemory_triton import reference as ref
-
-from _helpers import U32, assert_within, dequant_independent, make_layer_states
 from kernel_cases import logits_f64, make_keys
 
 CPU = torch.device("cpu")

@@ -19,7 +19,6 @@ from flashmemory_triton import constants as C
 from flashmemory_triton import ops, select_resident
 from flashmemory_triton import reference as ref
 from flashmemory_triton.kernels import PRECISIONS
-
 from kernel_cases import make_keys
 from test_retriever_api import build, inputs
 

@@ -67,7 +67,8 @@ def test_summary_reports_reserve_fraction(device):
     assert 0 < s["avg_keep"] < 0.5
     assert len([l for l in lines if l.startswith("cycle")]) == n_cycles
     # "GPU-side" only when a GPU holds the reserve
-    label = "GPU-side KV (reserve)" if device.type == "cuda" else "device-side KV (reserve; device cpu, no GPU)"
+    label = ("GPU-side KV (reserve)" if device.type == "cuda"
+             else "device-side KV (reserve; device cpu, no GPU)")
     assert any(label in l and "saving" in l for l in lines)
     assert device.type == "cuda" or not any("GPU-side" in l for l in lines)
 

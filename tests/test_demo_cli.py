@@ -14,7 +14,6 @@ from flashmemory_triton import FlashMemoryRetriever, cli
 from flashmemory_triton import constants as C
 from flashmemory_triton import synthetic as S
 from flashmemory_triton.checkpoint import CHECKPOINT_CANDIDATES, DEFAULT_REPO_ID
-
 from test_checkpoint import make_hub_cache, no_network  # noqa: F401  (fixture)
 
 # H = 16 heads: small, and still enough heads for the designed score spread.
@@ -172,7 +171,8 @@ def test_demo_options(small_ckpt, isolated, capsys):
     pytest.param(["--ensemble", "min"], "--ensemble: invalid choice", id="ensemble"),
     pytest.param(["--backend", "cuda"], "--backend: invalid choice", id="backend"),
     pytest.param(["--dtype", "int8"], "--dtype: invalid choice", id="dtype"),
-    pytest.param(["--ckpt", "a.pt", "--hub", "x/y"], "not allowed with argument", id="ckpt-and-hub"),
+    pytest.param(["--ckpt", "a.pt", "--hub", "x/y"], "not allowed with argument",
+                 id="ckpt-and-hub"),
     pytest.param(["--layers", ","], "--layers: expected layer names", id="empty-layers"),
 ])
 def test_bad_flags_argparse(args, message, isolated, capsys):
@@ -194,7 +194,8 @@ def test_bad_flags_argparse(args, message, isolated, capsys):
                  "only cpu and cuda are supported", id="device-type"),
     pytest.param(lambda d, ck: ["--ckpt", str(ck), "--device", "cuda:x"],
                  "--device must be 'cpu' or 'cuda[:N]', got 'cuda:x'", id="device-syntax"),
-    pytest.param(lambda d, ck: ["--hub", "someone/absent", "--cache-dir", str(d), "--local-files-only"],
+    pytest.param(lambda d,
+                 ck: ["--hub", "someone/absent", "--cache-dir", str(d), "--local-files-only"],
                  "no FlashMemory checkpoint found for 'someone/absent'", id="hub-not-cached"),
 ])
 def test_bad_flags_at_run_time(make_args, message, small_ckpt, tmp_path, isolated, no_network,

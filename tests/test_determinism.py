@@ -22,11 +22,10 @@ import textwrap
 import pytest
 import torch
 
+from _helpers import nan_padded
 from flashmemory_triton import ThresholdFallback, ops, select_resident, topk_mask
 from flashmemory_triton import constants as C
 from flashmemory_triton.kernels import PRECISIONS
-
-from _helpers import nan_padded
 from kernel_cases import make_keys
 from test_retriever_api import build, inputs
 

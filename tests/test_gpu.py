@@ -14,7 +14,6 @@ import torch
 from flashmemory_triton import FlashMemoryRetriever, synthetic
 from flashmemory_triton import constants as C
 from flashmemory_triton.kernels import PRECISIONS
-
 from kernel_cases import assert_close, logit_of
 from test_kernels import MODE_RTOL
 
@@ -36,7 +35,8 @@ def full_inputs(device):
     gen = torch.Generator().manual_seed(0)
     B = 2
     hidden = synthetic.mock_hidden(B, generator=gen).to(device)
-    keys = synthetic.mock_compressed_k(3 * B, N_FULL, generator=gen).view(3, B, N_FULL, -1).to(device)
+    keys = synthetic.mock_compressed_k(3 * B, N_FULL, generator=gen)
+    keys = keys.view(3, B, N_FULL, -1).to(device)
     positions = torch.tensor([4 * N_FULL - 1, 1234567], device=device)
     return hidden, keys, positions
 
@@ -81,4 +81,5 @@ def test_full_size_no_extra_memory(full_model, full_inputs, device):
     extra = torch.cuda.max_memory_allocated(device) - base
     outputs = scores.numel() * 4
     # projections: [B, L*(R+H)] + q_lora + q [L,B,H,D] twice (raw and prepared) + w: < 2 MB
-    assert extra <= outputs + 2 * 2 ** 20, f"extra device memory {extra} B for {outputs} B of output"
+    assert extra <= outputs + 2 * 2 ** 20, (
+        f"extra device memory {extra} B for {outputs} B of output")

@@ -9,7 +9,6 @@ Outputs are NaN-poisoned before every launch (FLASHMEMORY_POISON=1, set in conft
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -19,9 +18,14 @@ from flashmemory_triton import reference as ref
 from flashmemory_triton.kernels import PRECISIONS
 from flashmemory_triton.kernels.score import fused_score_launch
 from flashmemory_triton.utils import _device
-
-from kernel_cases import (assert_close, dot_error_bound, logit_of, logits_f64, make_keys,
-                          retriever_states)
+from kernel_cases import (
+    assert_close,
+    dot_error_bound,
+    logit_of,
+    logits_f64,
+    make_keys,
+    retriever_states,
+)
 
 pytestmark = pytest.mark.interpreter
 
@@ -225,7 +229,8 @@ def test_nonfinite_chunks_score_nan_in_both_backends(device):
             scores, logits = ops.score_chunks(q, w, pos, keys, precision=precision,
                                               backend=backend, return_logits=True)
             assert torch.equal(torch.isnan(scores).cpu(), bad), f"{backend}/{precision} scores"
-            assert torch.equal(torch.isnan(logits).cpu(), bad.expand(L, B, N)), f"{backend}/{precision}"
+            assert torch.equal(torch.isnan(logits).cpu(), bad.expand(L, B, N)), (
+                f"{backend}/{precision}")
     # NaN in q (a NaN hidden state) propagates to the whole row instead of being ReLU'd away.
     q_nan = q.clone()
     q_nan[:, 1, 0, 0] = float("nan")
@@ -267,7 +272,8 @@ def test_mode_fidelity_and_selection_near_ties(precision, layout, device):
         q_mode = q_mode * scale[..., None]
     bound = dot_error_bound(q_mode, ref_prep.q, w_ref, keys.cpu())
     if precision == "tf32" and device.type == "cuda":
-        bound = bound + dot_error_bound(ref_prep.q * (1 + 2.0 ** -10), ref_prep.q, w_ref, keys.cpu())
+        bound = bound + dot_error_bound(ref_prep.q * (1 + 2.0 ** -10), ref_prep.q, w_ref,
+                                        keys.cpu())
     bound = bound + 1e-5 * ref_logits.abs().max()
 
     t = 0.5
@@ -288,7 +294,8 @@ def test_mode_fidelity_and_selection_near_ties(precision, layout, device):
         want_set = set(torch.topk(want_ens[b], k).indices.tolist())
         kth = torch.topk(ref_logits.max(0).values[b], k).values[-1]
         for n in got_set ^ want_set:
-            assert float((ref_logits.max(0).values[b, n] - kth).abs()) <= 2 * float(bound[:, b, n].max()), (
+            gap = float((ref_logits.max(0).values[b, n] - kth).abs())
+            assert gap <= 2 * float(bound[:, b, n].max()), (
                 f"top-{k} row {b}: chunk {n} differs and is not a near-tie of the k-th score")
 
 
@@ -358,7 +365,8 @@ def test_triton_backend_on_release_format_checkpoint(tmp_path, suffix, device):
     logits, threshold decisions (up to near-ties) and top-k sizes."""
     from flashmemory_triton import FlashMemoryRetriever, synthetic
     path = synthetic.write_checkpoint(tmp_path / f"ckpt{suffix}", hidden=128, rank=32,
-                                      n_heads=16, seed=3, freqs_cis_max_position=64 if suffix == ".pt" else 0)
+                                      n_heads=16, seed=3,
+                                      freqs_cis_max_position=64 if suffix == ".pt" else 0)
     gen = _gen(3)
     B, N = 2, 300
     hidden = synthetic.mock_hidden(B, hidden=128, generator=gen).to(device)
@@ -374,5 +382,6 @@ def test_triton_backend_on_release_format_checkpoint(tmp_path, suffix, device):
     margin = 6 * 1e-2 * float(want.pow(2).mean().sqrt())
     near = (want.abs() <= margin).any(0).cpu()
     flips = (got_hit != want_hit).cpu()
-    assert bool((~flips | near).all()), f"{int((flips & ~near).sum())} threshold flips not near-ties"
+    assert bool((~flips | near).all()), (
+        f"{int((flips & ~near).sum())} threshold flips not near-ties")
     assert 0 < int(want_hit.sum()) < B * N, "synthetic weights should keep a minority"

@@ -341,7 +341,7 @@ def test_failed_history_copy_changes_nothing(device, monkeypatch):
         calls = {"n": 0}
         real = torch.Tensor.__setitem__
 
-        def flaky(self, key, value):
+        def flaky(self, key, value, calls=calls, real=real):  # bound now: B023
             calls["n"] += 1
             if calls["n"] == 2:  # the second row's copy
                 raise RuntimeError("simulated copy failure")

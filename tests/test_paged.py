@@ -18,7 +18,6 @@ from flashmemory_triton import paged as P
 from flashmemory_triton import reference as ref
 from flashmemory_triton.kernels import PRECISIONS
 from flashmemory_triton.selection import engine_page_ids, select_resident
-
 from kernel_cases import assert_close, logits_f64, make_keys, retriever_states
 
 pytestmark = pytest.mark.interpreter
@@ -73,7 +72,7 @@ def _paged(reqs, gen, *, extra_pages=7, index_dtype=torch.int32, share=None):
     total = sum(need) + extra_pages
     perm = torch.randperm(total, generator=gen).tolist()
     ids, i = [], 0
-    for b, k in enumerate(need):
+    for k in need:
         ids.append(perm[i:i + k])
         i += k
     share = len(reqs) == len(LENGTHS) if share is None else share

@@ -35,13 +35,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _helpers import U32, assert_within
 from flashmemory_triton import constants as C
 from flashmemory_triton import ops, select_resident
 from flashmemory_triton import reference as ref
 from flashmemory_triton.kernels import PRECISIONS
 from flashmemory_triton.utils import _device
-
-from _helpers import U32, assert_within
 from kernel_cases import dot_error_bound, logits_f64, make_keys
 from test_selection import oracle_chunk, oracle_page, oracle_topk
 from test_torch_fast import SIGMOID_ULPS, U_BF16
@@ -62,7 +61,8 @@ def fuzz(default_examples: int):
 BF16_FLIP = 2.0 ** -7
 Q_BUDGET = {"fp32": BF16_FLIP + 1e-6, "tf32": BF16_FLIP + 1e-6,
             "bf16": BF16_FLIP + U_BF16 + 1e-6,
-            "fp8": BF16_FLIP + 2.0 ** -4 + 2.0 ** -10 * math.sqrt(C.HEAD_DIM) / C.FP8_E4M3_MAX + 1e-6}
+            "fp8": (BF16_FLIP + 2.0 ** -4
+                    + 2.0 ** -10 * math.sqrt(C.HEAD_DIM) / C.FP8_E4M3_MAX + 1e-6)}
 # fp8 subnormals when amax is clamped at 1e-4: half a subnormal step (2^-10) of the minimum
 # scale per element, over D elements.
 Q_FLOOR = 2.0 ** -10 * math.sqrt(C.HEAD_DIM) * C.FP8_QUANT_MIN_AMAX / C.FP8_E4M3_MAX
@@ -83,7 +83,8 @@ def scoring_cases(draw):
         ensemble=draw(st.sampled_from(["max", "mean"])),
         offset=draw(st.sampled_from([0.0, 0.25]) | st.floats(-3, 3, width=32)),
         q_scale=draw(st.sampled_from([1.0, 1e-6, 40.0])),  # 1e-6: fp8 amax clamp, subnormals
-        positions=draw(st.lists(st.integers(0, 2 * C.MAX_POSITION_RELEASE), min_size=B, max_size=B)),
+        positions=draw(st.lists(st.integers(0, 2 * C.MAX_POSITION_RELEASE), min_size=B,
+                                max_size=B)),
         bad_chunks=draw(st.integers(0, 2)) if N else 0,
         seed=draw(st.integers(0, 2 ** 31 - 1)),
         select=draw(selection_params(N)),
@@ -176,7 +177,8 @@ def test_triton_equals_reference(precision, case, device):
     exact = logits_f64(q_k, w_k, keys, logit_offset=offset)
     assert_within(logits, exact, bound, f"{precision} kernel logits")
     want_scores = ref.ensemble_scores(torch.sigmoid(exact), case["ensemble"])
-    assert_within(scores, want_scores, bound.amax(0) / 4 + SIGMOID_ULPS, f"{precision} kernel scores")
+    assert_within(scores, want_scores, bound.amax(0) / 4 + SIGMOID_ULPS,
+                  f"{precision} kernel scores")
 
     # 2. the query side against the reference's fp32 q (normwise budget of the mode)
     ref_prep = ops.prepare_queries(q, w, pos, precision="fp32", backend="torch")

@@ -33,10 +33,20 @@ import math
 import pytest
 import torch
 
+from _helpers import (
+    U32,
+    U64,
+    assert_within,
+    bf16_round,
+    dequant_independent,
+    describe_error,
+    e4m3fn_decode,
+    make_layer_states,
+    pack_compressed_k,
+    random_compressed_k,
+    sylvester_hadamard,
+)
 from flashmemory_triton import reference as ref
-from _helpers import (U32, U64, assert_within, bf16_round, dequant_independent, describe_error,
-                      e4m3fn_decode, make_layer_states, pack_compressed_k, random_compressed_k,
-                      sylvester_hadamard)
 
 D = 128
 ROPE = 64
@@ -110,8 +120,8 @@ def oracle_projection(hidden, weights, u):
         + u * math.sqrt(rank) * ms
     rel = sig_ms / (2 * (ms + 1e-6)) + 3 * u
     sig_qn = g.abs() * sig_a / rms + u * qn.abs()
-    sig_q = (u * torch.sqrt(rank * (qn.pow(2) @ wb.pow(2).T)) + torch.sqrt(sig_qn.pow(2) @ wb.pow(2).T)
-             ).view(B, H, D) + q.abs() * rel[..., None]
+    sig_q = (u * torch.sqrt(rank * (qn.pow(2) @ wb.pow(2).T))
+             + torch.sqrt(sig_qn.pow(2) @ wb.pow(2).T)).view(B, H, D) + q.abs() * rel[..., None]
     sig_w = (u * torch.sqrt(hid * (x.pow(2) @ wp.pow(2).T)) + u * (x @ wp.T).abs()) * ws
     return q, w, sig_q, sig_w
 
@@ -271,7 +281,8 @@ def test_float64_reference_matches_oracle_and_fp32(B, N, H, max_position, positi
 
 
 def _neox_rope(q, freqs_cis, positions=None, rope_dim=ROPE):
-    freqs = freqs_cis if positions is None else freqs_cis[positions.clamp(0, freqs_cis.shape[0] - 1)]
+    freqs = (freqs_cis if positions is None
+             else freqs_cis[positions.clamp(0, freqs_cis.shape[0] - 1)])
     q_pass, q_rot = q[..., :-rope_dim], q[..., -rope_dim:].float()
     half = rope_dim // 2
     z = torch.complex(q_rot[..., :half], q_rot[..., half:]) * freqs[:, None, :]
@@ -323,7 +334,8 @@ def test_prepared_query_is_on_the_bf16_grid(device):
     # fp32 Hadamard error per output <= 9 u ||q||_1 / sqrt(D); through the float64 inverse
     # (orthonormal, entries 1/sqrt(D)) at most 9 u ||q||_1 per element.
     err = 9 * U32 * back.abs().sum(-1, keepdim=True)
-    assert_within(back[..., :ROPE], bf16_round(q.double().cpu()[..., :ROPE]), err.expand(-1, -1, ROPE),
+    assert_within(back[..., :ROPE], bf16_round(q.double().cpu()[..., :ROPE]),
+                  err.expand(-1, -1, ROPE),
                   "unrotated half == bf16(q)")
     # Elements of size >= 0.5 have bf16 spacing >= 2**-9, far above err (~1e-4): each must be
     # a bf16 value within err.
@@ -344,7 +356,8 @@ def test_mixed_freqs():
     got = ref.rope_mixed_freqs()
     assert got.dtype == torch.float32 and got.shape == (32,)
     # Same fp32 formula, same fp32 operations: bit-identical.
-    assert torch.equal(got, spec_mixed_freqs(torch.float32)), describe_error(got, spec_mixed_freqs(torch.float32))
+    want = spec_mixed_freqs(torch.float32)
+    assert torch.equal(got, want), describe_error(got, want)
     # Against exact math: fp32 pow (<= 1 ulp), reciprocal and ramp arithmetic (a few 0.5-ulp
     # roundings): 4 ulp relative (4 * 2**-23) is ample.
     exact = spec_mixed_freqs(torch.float64)
@@ -372,7 +385,8 @@ def test_precompute_freqs_cis_values():
     want = _phasor64(spec_angles(pos, 4096))
     got = table[pos].to(torch.complex128)
     diff = (got - want).abs()
-    assert float(diff.max()) <= TRIG_ATOL, f"table vs fp32-angle phasors: max-abs {float(diff.max()):.3e}"
+    assert float(diff.max()) <= TRIG_ATOL, (
+        f"table vs fp32-angle phasors: max-abs {float(diff.max()):.3e}")
     assert torch.equal(table[0], torch.ones(32, dtype=torch.complex64))
     # The angles are fp32 (design §10: not float64). At position 4095 the fp32 rounding of the
     # angle (ulp 2.4e-4) is visible: float64 angles would be off by far more than TRIG_ATOL.
@@ -508,14 +522,16 @@ def test_dequant_shapes(lead, N, device):
     ck, fp8, scales = random_compressed_k(*lead, n=N, generator=g, device=device)
     got = ref.dequant_compressed_k(ck)
     assert got.shape == (*lead, N, 128)
-    assert torch.equal(got.double().cpu(), (e4m3fn_decode(fp8) * scales.double()[..., None]).float().double())
+    assert torch.equal(got.double().cpu(),
+                       (e4m3fn_decode(fp8) * scales.double()[..., None]).float().double())
 
 
 def test_dequant_other_head_dim_and_errors():
     g = torch.Generator().manual_seed(0)
     ck, fp8, scales = random_compressed_k(2, n=5, generator=g, head_dim=64)
     got = ref.dequant_compressed_k(ck, head_dim=64)
-    assert torch.equal(got.double(), (e4m3fn_decode(fp8) * scales.double()[..., None]).float().double())
+    assert torch.equal(got.double(),
+                       (e4m3fn_decode(fp8) * scales.double()[..., None]).float().double())
     with pytest.raises(TypeError, match="uint8"):
         ref.dequant_compressed_k(ck.to(torch.int8), head_dim=64)
     with pytest.raises(ValueError, match="last dim"):

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import flashmemory_triton as fm
+from _helpers import describe_error, joint_state_dict, make_layer_states, random_compressed_k
 from flashmemory_triton import FlashMemoryRetriever, topk_mask
 from flashmemory_triton import reference as ref
-from _helpers import (describe_error, joint_state_dict, make_layer_states, random_compressed_k)
 
 HIDDEN, RANK, MAXPOS = 64, 32, 4096
 
@@ -54,7 +54,8 @@ def assert_sigmoid_of(scores, logits, name):
 def assert_equal(actual, expected, name):
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
         f"{name}: {tuple(actual.shape)} {actual.dtype} vs {tuple(expected.shape)} {expected.dtype}"
-    assert torch.equal(actual, expected), f"{name}: not identical ({describe_error(actual, expected)})"
+    assert torch.equal(actual, expected), (
+        f"{name}: not identical ({describe_error(actual, expected)})")
 
 
 SHAPES = [pytest.param(1, 1, id="B1-N1"), pytest.param(3, 63, id="B3-N63"),
@@ -103,7 +104,8 @@ def test_ensemble_max_and_mean(B, N, device):
 
 
 # --- select_topk / topk_mask ----------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [{}, {"top_k": 3, "threshold": 0.5}, {"top_k": None, "threshold": None}],
+@pytest.mark.parametrize("kwargs",
+                         [{}, {"top_k": 3, "threshold": 0.5}, {"top_k": None, "threshold": None}],
                          ids=["neither", "both", "both-None"])
 def test_select_topk_needs_exactly_one(kwargs, device):
     model, _ = build(device)
@@ -210,7 +212,8 @@ def test_joint_state_dict_and_freqs_cis_ignored(device):
     model, states = build(device)
     joint = joint_state_dict(states)
     for name in states:  # a bogus checkpoint RoPE table must be ignored (design §8)
-        joint[f"retrievers.{name}.freqs_cis"] = torch.full((MAXPOS, 32), 7 + 7j, dtype=torch.complex64)
+        joint[f"retrievers.{name}.freqs_cis"] = torch.full((MAXPOS, 32), 7 + 7j,
+                                                           dtype=torch.complex64)
     model2 = FlashMemoryRetriever(joint, device=device, max_position=MAXPOS, backend="torch")
     assert model2.layer_names == model.layer_names
     hidden, ck, pos = inputs(device)
@@ -221,7 +224,8 @@ def test_joint_state_dict_and_freqs_cis_ignored(device):
 # --- dtype, logit_offset, per-layer inputs, N = 0 ------------------------------------------------
 def test_bf16_weights_match_fp32_holding_bf16_values(device):
     states = make_layer_states(hidden=HIDDEN, rank=RANK, n_heads=16)
-    bf16 = OrderedDict((n, {k: v.to(torch.bfloat16) for k, v in p.items()}) for n, p in states.items())
+    bf16 = OrderedDict((n, {k: v.to(torch.bfloat16) for k, v in p.items()}) for n,
+                       p in states.items())
     rounded = OrderedDict((n, {k: v.float() for k, v in p.items()}) for n, p in bf16.items())
     kw = dict(device=device, max_position=MAXPOS, backend="torch")
     m_rounded = FlashMemoryRetriever(rounded, **kw)
@@ -311,7 +315,8 @@ def test_nan_key_chunks_are_never_selected(device):
 
 
 def test_module_level_helpers():
-    for name in ("dequant_compressed_k", "precompute_freqs_cis", "apply_rope", "hadamard_transform"):
+    for name in ("dequant_compressed_k", "precompute_freqs_cis", "apply_rope",
+                 "hadamard_transform"):
         assert getattr(fm, name) is getattr(ref, name), name
         assert name in fm.__all__
     assert "FlashMemoryRetriever" in fm.__all__ and "topk_mask" in fm.__all__
@@ -322,12 +327,14 @@ def test_module_level_helpers():
     assert list(sig)[1:5] == ["layer_states", "device", "max_position", "head_dim"]
     assert sig["max_position"].default == 524288 and sig["device"].default == "cpu"
     st = inspect.signature(FlashMemoryRetriever.select_topk).parameters
-    assert st["top_k"].default is None and st["threshold"].default is None and st["mode"].default == "max"
+    assert st["top_k"].default is None and st["threshold"].default is None
+    assert st["mode"].default == "max"
     assert inspect.signature(FlashMemoryRetriever.ensemble).parameters["mode"].default == "max"
-    assert inspect.signature(FlashMemoryRetriever.forward).parameters["apply_sigmoid"].default is True
+    forward = inspect.signature(FlashMemoryRetriever.forward).parameters
+    assert forward["apply_sigmoid"].default is True
 
 
-# --- bad inputs ------------------------------------------------------------------------------------
+# --- bad inputs -----------------------------------------------------------------------------------
 def _other_device(device):
     """A device different from the retriever's: meta on CPU (no data, never computed on)."""
     return torch.device("cpu") if torch.device(device).type != "cpu" else torch.device("meta")
@@ -343,7 +350,8 @@ CALL_ERRORS = [
     ("hidden-size", lambda h, k, p, d: (h[:, :48], k, p), ValueError, "hidden.*64"),
     ("hidden-int", lambda h, k, p, d: (h.long(), k, p), TypeError, "hidden"),
     ("hidden-1d", lambda h, k, p, d: (h[0], k, p), ValueError, "hidden"),
-    ("hidden-L-mismatch", lambda h, k, p, d: (h.expand(2, -1, -1), k, p), ValueError, "hidden.*L=3"),
+    ("hidden-L-mismatch", lambda h, k, p, d: (h.expand(2, -1, -1), k, p), ValueError,
+     "hidden.*L=3"),
     ("keys-L-mismatch", lambda h, k, p, d: (h, k.expand(4, -1, -1, -1), p), ValueError,
      "compressed_k.*L=3"),
     ("positions-float", lambda h, k, p, d: (h, k, p.float()), TypeError, "positions"),
@@ -353,7 +361,8 @@ CALL_ERRORS = [
     ("positions-list", lambda h, k, p, d: (h, k, p.tolist()), TypeError, "positions"),
     ("hidden-device", lambda h, k, p, d: (h.to(_other_device(d)), k, p), ValueError, "hidden"),
     ("keys-device", lambda h, k, p, d: (h, k.to(_other_device(d)), p), ValueError, "compressed_k"),
-    ("positions-device", lambda h, k, p, d: (h, k, p.to(_other_device(d))), ValueError, "positions"),
+    ("positions-device", lambda h, k, p, d: (h, k, p.to(_other_device(d))), ValueError,
+     "positions"),
 ]
 
 
@@ -406,24 +415,31 @@ CTOR_ERRORS = [
     ("backend", lambda: (_states(), {"backend": "cuda"}), ValueError, "backend"),
     ("dtype", lambda: (_states(), {"dtype": torch.int8}), TypeError, "dtype"),
     ("max_position-0", lambda: (_states(), {"max_position": 0}), ValueError, "max_position"),
-    ("max_position-float", lambda: (_states(), {"max_position": 4096.0}), ValueError, "max_position"),
+    ("max_position-float", lambda: (_states(), {"max_position": 4096.0}), ValueError,
+     "max_position"),
     ("empty", lambda: ({}, {}), TypeError, "layer_states"),
     ("not-mapping", lambda: ([1, 2], {}), TypeError, "layer_states"),
-    ("flat-without-prefix", lambda: ({"wq_a.weight": torch.zeros(2, 2)}, {}), ValueError, "retrievers"),
+    ("flat-without-prefix", lambda: ({"wq_a.weight": torch.zeros(2, 2)}, {}), ValueError,
+     "retrievers"),
     ("missing-key", lambda: (_states(l12={"q_norm_weight": None}), {}), ValueError,
      "l12.*q_norm_weight"),
-    ("int-weight", lambda: (_states(l10={"wq_a.weight": torch.zeros(RANK, HIDDEN, dtype=torch.int32)}), {}),
+    ("int-weight",
+     lambda: (_states(l10={"wq_a.weight": torch.zeros(RANK, HIDDEN, dtype=torch.int32)}), {}),
      TypeError, "l10.*wq_a"),
-    ("wq_b-rank", lambda: (_states(l20={"wq_b.weight": torch.zeros(512, RANK + 1)}), {}), ValueError,
+    ("wq_b-rank", lambda: (_states(l20={"wq_b.weight": torch.zeros(512, RANK + 1)}), {}),
+     ValueError,
      "l20.*wq_b"),
     ("wq_b-rows", lambda: (_states(l20={"wq_b.weight": torch.zeros(500, RANK)}), {}), ValueError,
      "l20.*wq_b.*head_dim"),
     ("q_norm-shape", lambda: (_states(l10={"q_norm_weight": torch.ones(RANK + 1)}), {}), ValueError,
      "l10.*q_norm_weight"),
-    ("weights_proj-heads", lambda: (_states(l10={"weights_proj.weight": torch.zeros(5, HIDDEN)}), {}),
+    ("weights_proj-heads",
+     lambda: (_states(l10={"weights_proj.weight": torch.zeros(5, HIDDEN)}), {}),
      ValueError, "l10.*weights_proj"),
-    ("inconsistent-layers", lambda: (OrderedDict(list(make_layer_states(HIDDEN, RANK, 4, layers=("l10",)).items())
-                                                 + list(make_layer_states(HIDDEN, RANK, 8, layers=("l12",)).items())), {}),
+    ("inconsistent-layers",
+     lambda: (OrderedDict(list(make_layer_states(HIDDEN, RANK, 4, layers=("l10",)).items())
+                          + list(make_layer_states(HIDDEN, RANK, 8, layers=("l12",)).items())),
+              {}),
      ValueError, "l12"),
 ]
 

@@ -69,7 +69,8 @@ def test_head_weights_have_exact_negative_mean():
     # a minority of chunks: it must be exactly -KAPPA/sqrt(H) * LOGIT_GAIN, no sampling noise.
     # The only error is the fp32 rounding of the elementwise build and of this dot product.
     hidden, H = 64, 16
-    wp = S.make_layer_states(hidden=hidden, rank=8, n_heads=H, layers=["l10"])["l10"]["weights_proj.weight"]
+    states = S.make_layer_states(hidden=hidden, rank=8, n_heads=H, layers=["l10"])
+    wp = states["l10"]["weights_proj.weight"]
     per_head = wp.double() @ S.shared_hidden_component(hidden).double()
     expected = -S.KAPPA / math.sqrt(H) * S.LOGIT_GAIN
     assert abs(per_head.mean().item() - expected) < 1e-4 * S.LOGIT_GAIN
@@ -113,7 +114,8 @@ def test_threshold_keeps_a_minority(device, hidden, rank, n_heads):
         logits = model.logits(x, keys, positions)
     per_layer_keep = (logits > 0).float().mean(dim=(1, 2))
     assert bool(((per_layer_keep > 0.01) & (per_layer_keep < 0.15)).all()), per_layer_keep
-    ensemble_keep = (torch.sigmoid(logits).max(0).values > C.DEFAULT_THRESHOLD).float().mean().item()
+    ensemble = torch.sigmoid(logits).max(0).values
+    ensemble_keep = (ensemble > C.DEFAULT_THRESHOLD).float().mean().item()
     assert 0.05 <= ensemble_keep <= 0.30
     # Scores vary across chunks (a logit spread of ~2.7 by design, 1 at the very least) ...
     assert bool((logits.std(dim=2) > 1.0).all())
@@ -217,7 +219,8 @@ def test_cache_location(tmp_path, monkeypatch):
 def small_default(tmp_path, monkeypatch):
     """The default-checkpoint machinery at a small size, in a private cache directory."""
     monkeypatch.setenv("FLASHMEMORY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(S, "DEFAULT_SHAPE", dict(hidden=32, rank=16, n_heads=2, head_dim=C.HEAD_DIM))
+    monkeypatch.setattr(S, "DEFAULT_SHAPE",
+                        dict(hidden=32, rank=16, n_heads=2, head_dim=C.HEAD_DIM))
     return S.make_layer_states(hidden=32, rank=16, n_heads=2, seed=S.DEFAULT_SEED)
 
 

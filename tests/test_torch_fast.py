@@ -19,12 +19,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers import U32, assert_within
 from flashmemory_triton import constants as C
 from flashmemory_triton import ops
 from flashmemory_triton import reference as ref
 from flashmemory_triton.torch_fast import PRECISIONS, score_chunks_fast, score_prepared_fast
-
-from _helpers import U32, assert_within
 from kernel_cases import logits_f64, make_keys
 
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)

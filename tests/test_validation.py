@@ -12,14 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from _helpers import joint_state_dict, make_layer_states
 from flashmemory_triton import FlashMemoryRetriever, ThresholdFallback, cli, ops, select_resident
 from flashmemory_triton import _validate as V
 from flashmemory_triton import constants as C
 from flashmemory_triton.checkpoint import CheckpointError
 from flashmemory_triton.offload import OffloadEngine
 from flashmemory_triton.synthetic import write_checkpoint
-
-from _helpers import joint_state_dict, make_layer_states
 from kernel_cases import assert_close, make_keys
 from test_kernels import FP32_RTOL
 from test_retriever_api import CALL_ERRORS, _other_device, build, call_method, inputs
@@ -56,22 +55,27 @@ PREPARE_ERRORS = [
     ("q-head-dim", lambda q, w, p, d: (q[..., :64], w, p, {}), ValueError, "q_proj.*128.*64"),
     ("q-list", lambda q, w, p, d: (q.tolist(), w, p, {}), TypeError, "q_proj.*Tensor"),
     ("w-int", lambda q, w, p, d: (q, w.long(), p, {}), TypeError, "w must be a floating"),
-    ("w-heads", lambda q, w, p, d: (q, w[..., :-1], p, {}), ValueError, r"w must be \[L=3, B=2, H=4\]"),
+    ("w-heads", lambda q, w, p, d: (q, w[..., :-1], p, {}), ValueError,
+     r"w must be \[L=3, B=2, H=4\]"),
     ("w-batch", lambda q, w, p, d: (q, w[:, :1], p, {}), ValueError, r"w must be \[L=3, B=2"),
     ("w-layers", lambda q, w, p, d: (q, w[:2], p, {}), ValueError, r"w must be \[L=3"),
     ("pos-float", lambda q, w, p, d: (q, w, p.float(), {}), TypeError, "positions.*integer"),
     ("pos-bool", lambda q, w, p, d: (q, w, p > 0, {}), TypeError, "positions.*integer"),
     ("pos-2d", lambda q, w, p, d: (q, w, p[:, None], {}), ValueError, "positions.*1 dims"),
     ("pos-length", lambda q, w, p, d: (q, w, p[:1], {}), ValueError, r"positions.*\(2,\)"),
-    ("pos-negative", lambda q, w, p, d: (q, w, p - 6, {}), ValueError, "positions.*non-negative.*-1"),
-    ("pos-device", lambda q, w, p, d: (q, w, p.to(_other_device(d)), {}), ValueError, "positions is on"),
+    ("pos-negative", lambda q, w, p, d: (q, w, p - 6, {}), ValueError,
+     "positions.*non-negative.*-1"),
+    ("pos-device", lambda q, w, p, d: (q, w, p.to(_other_device(d)), {}), ValueError,
+     "positions is on"),
     ("w-device", lambda q, w, p, d: (q, w.to(_other_device(d)), p, {}), ValueError, "w is on"),
-    ("max-position-0", lambda q, w, p, d: (q, w, p, {"max_position": 0}), ValueError, "max_position.*0"),
+    ("max-position-0", lambda q, w, p, d: (q, w, p, {"max_position": 0}), ValueError,
+     "max_position.*0"),
     ("max-position-float", lambda q, w, p, d: (q, w, p, {"max_position": 4096.0}), ValueError,
      "max_position"),
     ("rope-freqs-shape", lambda q, w, p, d: (q, w, p, {"rope_freqs": torch.ones(64, device=d)}),
      ValueError, "rope_freqs.*32"),
-    ("precision", lambda q, w, p, d: (q, w, p, {"precision": "fp16"}), ValueError, "precision.*fp16"),
+    ("precision", lambda q, w, p, d: (q, w, p, {"precision": "fp16"}), ValueError,
+     "precision.*fp16"),
     ("backend", lambda q, w, p, d: (q, w, p, {"backend": "cuda"}), ValueError, "backend.*cuda"),
 ]
 
@@ -86,7 +90,7 @@ def test_prepare_queries_refuses(mutate, exc, msg, backend, device, no_launch):
         ops.prepare_queries(q, w, pos, **kw)
 
 
-# --- ops.score_prepared / score_chunks --------------------------------------------------------------
+# --- ops.score_prepared / score_chunks ------------------------------------------------------------
 def _hand_built(prepared, **changes):
     return ops.PreparedQueries(**{**prepared._asdict(), **changes})
 
@@ -96,7 +100,8 @@ SCORE_ERRORS = [
     ("not-prepared", lambda p, k, d: (tuple(p), k, {}), TypeError, "prepared must come from"),
     ("keys-int8", lambda p, k, d: (p, k.to(torch.int8), {}), TypeError, "compressed_k.*uint8"),
     ("keys-float", lambda p, k, d: (p, k.float(), {}), TypeError, "compressed_k.*uint8"),
-    ("keys-131", lambda p, k, d: (p, k[..., :131], {}), ValueError, "compressed_k last dim must be 132"),
+    ("keys-131", lambda p, k, d: (p, k[..., :131], {}), ValueError,
+     "compressed_k last dim must be 132"),
     ("keys-133", lambda p, k, d: (p, torch.cat([k, k[..., :1]], -1), {}), ValueError,
      "compressed_k last dim must be 132"),
     ("keys-2d", lambda p, k, d: (p, k[0], {}), ValueError, "compressed_k.*dims"),
@@ -104,19 +109,23 @@ SCORE_ERRORS = [
     ("keys-batch", lambda p, k, d: (p, k[:1], {}), ValueError, "compressed_k batch must be 2"),
     ("keys-layers", lambda p, k, d: (p, k.expand(2, -1, -1, -1), {}), ValueError,
      r"per-layer compressed_k must be \[L=3"),
-    ("keys-device", lambda p, k, d: (p, k.to(_other_device(d)), {}), ValueError, "compressed_k is on"),
+    ("keys-device", lambda p, k, d: (p, k.to(_other_device(d)), {}), ValueError,
+     "compressed_k is on"),
     ("ensemble", lambda p, k, d: (p, k, {"ensemble": "min"}), ValueError, "ensemble.*min"),
     ("offset-nan", lambda p, k, d: (p, k, {"logit_offset": float("nan")}), ValueError,
      "logit_offset.*nan"),
     ("offset-inf", lambda p, k, d: (p, k, {"logit_offset": float("inf")}), ValueError,
      "logit_offset.*finite"),
-    ("offset-str", lambda p, k, d: (p, k, {"logit_offset": "0.5"}), TypeError, "logit_offset.*real"),
+    ("offset-str", lambda p, k, d: (p, k, {"logit_offset": "0.5"}), TypeError,
+     "logit_offset.*real"),
     ("hand-w-shape", lambda p, k, d: (_hand_built(p, w=p.w[..., :-1]), k, {}), ValueError,
      r"prepared\.w must be \[L=3, B=2, H=4\]"),
     ("hand-q-dim", lambda p, k, d: (_hand_built(p, q=p.q[..., :64]), k, {}), ValueError,
      "prepared.q last dim must be head_dim 128"),
-    ("hand-q-3d", lambda p, k, d: (_hand_built(p, q=p.q[0]), k, {}), ValueError, "prepared.q.*4 dims"),
-    ("hand-w-device", lambda p, k, d: (_hand_built(p, w=p.w.to(_other_device(d))), k, {}), ValueError,
+    ("hand-q-3d", lambda p, k, d: (_hand_built(p, q=p.q[0]), k, {}), ValueError,
+     "prepared.q.*4 dims"),
+    ("hand-w-device", lambda p, k, d: (_hand_built(p, w=p.w.to(_other_device(d))), k, {}),
+     ValueError,
      "prepared.w is on"),
     ("hand-precision", lambda p, k, d: (_hand_built(p, precision="int4"), k, {}), ValueError,
      "prepared.precision"),
@@ -172,7 +181,7 @@ def test_values_unreadable_on_meta_are_skipped_not_misreported():
     assert V.values_readable(torch.device("cpu")) and not V.values_readable(torch.device("meta"))
 
 
-# --- the retriever on the triton backend ------------------------------------------------------------
+# --- the retriever on the triton backend ----------------------------------------------------------
 @pytest.mark.parametrize("mutate,exc,msg", [pytest.param(*c[1:], id=c[0]) for c in CALL_ERRORS])
 @pytest.mark.parametrize("method", ["forward", "score_layer", "ensemble", "select_topk"])
 def test_triton_retriever_refuses_like_torch(mutate, exc, msg, method, device, no_launch):
@@ -242,27 +251,34 @@ def test_checkpoint_from_another_model(backend, tmp_path, device, no_launch):
         FlashMemoryRetriever.from_checkpoint(bad_path, device=device, backend=backend)
 
 
-# --- select_resident (cases beyond test_selection.py's table) ---------------------------------------
+# --- select_resident (cases beyond test_selection.py's table) -------------------------------------
 SELECT_ERRORS = [
-    pytest.param(dict(threshold=float("nan")), ValueError, "threshold must be a number", id="threshold-nan"),
+    pytest.param(dict(threshold=float("nan")), ValueError, "threshold must be a number",
+                 id="threshold-nan"),
     pytest.param(dict(n_chunks=torch.tensor([-1, 2])), ValueError, r"n_chunks values.*min -1",
                  id="n-negative-tensor"),
-    pytest.param(dict(n_chunks=5), ValueError, r"n_chunks must be in \[0, N=4\]", id="n-int-too-big"),
-    pytest.param(dict(n_chunks=torch.tensor([True, False])), TypeError, "n_chunks.*integer", id="n-bool"),
-    pytest.param(dict(n_chunks=torch.tensor([1, 2], device="meta")), ValueError, "n_chunks is on meta",
+    pytest.param(dict(n_chunks=5), ValueError, r"n_chunks must be in \[0, N=4\]",
+                 id="n-int-too-big"),
+    pytest.param(dict(n_chunks=torch.tensor([True, False])), TypeError, "n_chunks.*integer",
+                 id="n-bool"),
+    pytest.param(dict(n_chunks=torch.tensor([1, 2], device="meta")), ValueError,
+                 "n_chunks is on meta",
                  id="n-device"),
     pytest.param(dict(sink=-1), ValueError, "sink", id="sink-negative"),
     pytest.param(dict(max_pages=-1), ValueError, "max_pages", id="max-pages-negative"),
-    pytest.param(dict(mode="chunk", max_resident=-2), ValueError, "max_resident", id="cap-negative"),
+    pytest.param(dict(mode="chunk", max_resident=-2), ValueError, "max_resident",
+                 id="cap-negative"),
     pytest.param(dict(mode="topk", top_k=-1), ValueError, "top_k", id="topk-negative"),
     pytest.param(dict(fallback=object()), TypeError, "ThresholdFallback", id="fallback-type"),
-    pytest.param(dict(fallback=ThresholdFallback(2, 0.5, device="meta")), ValueError, "fallback state",
+    pytest.param(dict(fallback=ThresholdFallback(2, 0.5, device="meta")), ValueError,
+                 "fallback state",
                  id="fallback-device"),
     pytest.param(dict(scores=torch.zeros(1, 2, 4)), ValueError, "scores.*2 dims", id="scores-3d"),
     pytest.param(dict(scores=[[0.1, 0.2]]), TypeError, "scores.*Tensor", id="scores-list"),
     # Below 2**63 but the pages output [B, max_pages] int64 cannot be addressed: named, not a
     # torch storage-size overflow.
-    pytest.param(dict(max_pages=2 ** 62), ValueError, "max_pages = 4611686018427387904 is too large",
+    pytest.param(dict(max_pages=2 ** 62), ValueError,
+                 "max_pages = 4611686018427387904 is too large",
                  id="max-pages-huge"),
 ]
 
@@ -276,7 +292,7 @@ def test_select_resident_refuses(kwargs, exc, match):
         select_resident(scores, **kwargs)
 
 
-# --- OffloadEngine (cases beyond test_offload.py's table) --------------------------------------------
+# --- OffloadEngine (cases beyond test_offload.py's table) -----------------------------------------
 def _engine():
     g = torch.Generator().manual_seed(0)
     hist = torch.randint(0, 256, (2, 20, 8), dtype=torch.uint8, generator=g)
@@ -304,20 +320,24 @@ ENGINE_ERRORS = [
                  r"payload must be \[2, n, 8\]", id="append-batch"),
     pytest.param(lambda e: e.append(torch.zeros(2, 8, dtype=torch.uint8)), ValueError, "payload",
                  id="append-2d"),
-    pytest.param(lambda e: e.apply(torch.ones(20, dtype=torch.bool)), ValueError, "resident mask.*2 dims",
+    pytest.param(lambda e: e.apply(torch.ones(20, dtype=torch.bool)), ValueError,
+                 "resident mask.*2 dims",
                  id="mask-1d"),
     pytest.param(lambda e: e.apply("all"), TypeError, "resident mask", id="mask-str"),
     pytest.param(lambda e: e.apply(torch.ones(2, 8, dtype=torch.bool, device="meta")), ValueError,
                  "resident mask is on the meta device", id="mask-meta"),
     pytest.param(lambda e: e.read(torch.zeros(2, 3, dtype=torch.int64, device="meta")), ValueError,
                  "chunks is on the meta device", id="read-meta"),
-    pytest.param(lambda e: e.read(torch.zeros(2, 3)), TypeError, "chunks.*integer", id="read-float"),
+    pytest.param(lambda e: e.read(torch.zeros(2, 3)), TypeError, "chunks.*integer",
+                 id="read-float"),
     pytest.param(lambda e: e.read(torch.zeros(2, dtype=torch.int64)), ValueError, "chunks.*2 dims",
                  id="read-1d"),
-    pytest.param(lambda e: OffloadEngine(0, (8,), reserve_pages=1), ValueError, "batch", id="batch-0"),
+    pytest.param(lambda e: OffloadEngine(0, (8,), reserve_pages=1), ValueError, "batch",
+                 id="batch-0"),
     pytest.param(lambda e: OffloadEngine(1, (8,), reserve_pages=1, page_size=0), ValueError,
                  "page_size", id="page-size-0"),
-    pytest.param(lambda e: OffloadEngine.from_history(torch.zeros(2, 5), reserve_pages=1), ValueError,
+    pytest.param(lambda e: OffloadEngine.from_history(torch.zeros(2, 5), reserve_pages=1),
+                 ValueError,
                  r"history must be \[B, N, \*row_shape\]", id="history-2d"),
 ]
 
@@ -341,21 +361,24 @@ def test_offload_read_out_of_range_ids_are_absent_not_wrapped():
     eng.apply(torch.ones(2, 20, dtype=torch.bool) & (torch.arange(20) >= 16))  # one page a row
     ids = torch.tensor([[-1, -5, 19, 20, 10 ** 9], [-(2 ** 40), 16, 3, 21, 2 ** 40]])
     rows, present = eng.read(ids)
-    assert present.tolist() == [[False, False, True, False, False], [False, True, False, False, False]]
+    assert present.tolist() == [[False, False, True, False, False],
+                                [False, True, False, False, False]]
     assert not bool(rows[~present].any())
     assert torch.equal(rows[0, 2], eng.history.data[0, 19])
 
 
-# --- CLIs: exit 2 with one line naming the problem ----------------------------------------------------
+# --- CLIs: exit 2 with one line naming the problem ------------------------------------------------
 DECODE_FAST = ["--n-chunks", "40", "--steps", "2", "--interval", "2", "--page-size", "8",
                "--max-pages", "2", "--recent", "4"]
 
 
 @pytest.mark.parametrize("args,message", [
     pytest.param(["--device", "meta"], "device must be 'cpu' or 'cuda[:N]'", id="device-meta"),
-    pytest.param(["--device", "tpu:0"], "device must be 'cpu' or 'cuda[:N]', got 'tpu:0'", id="device-bad"),
+    pytest.param(["--device", "tpu:0"], "device must be 'cpu' or 'cuda[:N]', got 'tpu:0'",
+                 id="device-bad"),
     pytest.param(["--threshold", "nan"], "threshold must be a number, got nan", id="threshold-nan"),
-    pytest.param(["--fallback-bound", "1.5"], "fallback_bound must be in [0, 1), got 1.5", id="bound"),
+    pytest.param(["--fallback-bound", "1.5"], "fallback_bound must be in [0, 1), got 1.5",
+                 id="bound"),
     pytest.param(["--steps", "-1"], "steps must be an int >= 0, got -1", id="steps"),
     pytest.param(["--batch", "0"], "batch must be an int >= 1, got 0", id="batch"),
     pytest.param(["--n-chunks", "-5"], "n_chunks must be an int >= 0, got -5", id="n-chunks"),
@@ -394,7 +417,7 @@ def test_demo_cli_wrong_model_checkpoint(tmp_path, monkeypatch, capsys):
     assert "'retrievers.l20.q_norm_weight' has shape (17,), expected [16]" in err
 
 
-# --- non-finite hidden states (issue 7.2) ---------------------------------------------------------------
+# --- non-finite hidden states (issue 7.2) ---------------------------------------------------------
 NONFINITE = [pytest.param(v, p, id=f"{v}-{p}") for v, p in
              ((float("nan"), "bf16"), (float("inf"), "fp8"), (float("-inf"), "tf32"),
               (float("nan"), "fp32"))]
@@ -457,7 +480,7 @@ def test_huge_finite_hidden_overflows_to_offset_in_both_backends(device):
         assert not bool((logits[:, 1] == 0.25).all()), backend
 
 
-# --- strided and non-contiguous inputs (handled, not refused) -----------------------------------------
+# --- strided and non-contiguous inputs (handled, not refused) -------------------------------------
 # key_views() must COPY a contiguous view at an odd byte offset (its own .contiguous()).
 
 
@@ -490,7 +513,8 @@ def test_strided_keys_give_the_contiguous_answer(layout, backend, device):
     for name, view in _key_views(keys):
         assert torch.equal(view, keys) and (name == "odd-offset" or not view.is_contiguous())
         got_s, got_l = ops.score_prepared(prepared, view, return_logits=True)
-        assert torch.equal(got_l, want_l) and torch.equal(got_s, want_s), f"{backend}/{layout}/{name}"
+        assert torch.equal(got_l, want_l) and torch.equal(got_s, want_s), (
+            f"{backend}/{layout}/{name}")
     if layout == "shared":  # one buffer viewed as L per-layer buffers (stride 0 over layers)
         got_s, got_l = ops.score_prepared(prepared, keys.expand(L, -1, -1, -1), return_logits=True)
         if device.type == "cpu":
@@ -532,12 +556,13 @@ def test_strided_scores_and_lengths_select_the_same(device):
         assert torch.equal(a.mask, b.mask), mode
 
 
-# --- serving batches: every bad argument refused before ANY launch (issue 14) ------------------------
+# --- serving batches: every bad argument refused before ANY launch (issue 14) ---------------------
 @pytest.fixture
 def launches(monkeypatch):
     """Counts every kernel launch (query kernel, fused scorer, batched scorer); the calls
     still run, so a test can assert the count of a refused call is 0."""
-    from flashmemory_triton.kernels import paged as kpaged, query_prep, score
+    from flashmemory_triton.kernels import paged as kpaged
+    from flashmemory_triton.kernels import query_prep, score
     count = {"n": 0}
 
     def counting(fn):
@@ -546,7 +571,8 @@ def launches(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(query_prep, "prepare_query_launch", counting(query_prep.prepare_query_launch))
+    monkeypatch.setattr(query_prep, "prepare_query_launch",
+                        counting(query_prep.prepare_query_launch))
     monkeypatch.setattr(score, "fused_score_launch", counting(score.fused_score_launch))
     monkeypatch.setattr(kpaged, "batched_score_launch", counting(kpaged.batched_score_launch))
     return count
@@ -575,9 +601,11 @@ PAGED_BAD = [
      "per-layer pools hold 2 layers"),
     ("pools-meta", lambda b: ([p.to("meta") for p in b["pools"]], b["table"], b["n"], {}),
      ValueError, r"pools are on meta .*move the pools"),
-    ("page-id-range", lambda b: (b["pools"], b["table"].masked_fill(b["table"] == 1, 99), b["n"], {}),
+    ("page-id-range",
+     lambda b: (b["pools"], b["table"].masked_fill(b["table"] == 1, 99), b["n"], {}),
      ValueError, r"page_table\[0, 1\] = 99"),
-    ("page-id-minus-1", lambda b: (b["pools"], b["table"].masked_fill(b["table"] == 1, -1), b["n"], {}),
+    ("page-id-minus-1",
+     lambda b: (b["pools"], b["table"].masked_fill(b["table"] == 1, -1), b["n"], {}),
      ValueError, r"page_table\[0, 1\] = -1"),
     ("n-chunks-long", lambda b: (b["pools"], b["table"], b["n"] + 200, {}), ValueError,
      "n_chunks must be in"),
@@ -585,14 +613,16 @@ PAGED_BAD = [
      "n_chunks must be in"),
     ("n-chunks-int16", lambda b: (b["pools"], b["table"], b["n"].to(torch.int16), {}), TypeError,
      "n_chunks must have one of dtypes"),
-    ("table-1d", lambda b: (b["pools"], b["table"][0], b["n"], {}), ValueError, "page_table must have 2 dims"),
+    ("table-1d", lambda b: (b["pools"], b["table"][0], b["n"], {}), ValueError,
+     "page_table must have 2 dims"),
     ("table-int16", lambda b: (b["pools"], b["table"].to(torch.int16), b["n"], {}), TypeError,
      "page_table must have one of dtypes"),
     ("table-batch", lambda b: (b["pools"], b["table"][:1], b["n"][:1], {}), ValueError,
      "page_table has 1 requests"),
     ("max-chunks-short", lambda b: (b["pools"], b["table"], b["n"], {"max_chunks": 10}), ValueError,
      "max_chunks = 10"),
-    ("max-chunks-bool", lambda b: (b["pools"], b["table"], b["n"], {"max_chunks": True}), ValueError,
+    ("max-chunks-bool", lambda b: (b["pools"], b["table"], b["n"], {"max_chunks": True}),
+     ValueError,
      "max_chunks must be"),
     # Past int64 / too large to allocate: refused by name, not a torch overflow after a launch.
     ("max-chunks-2**64", lambda b: (b["pools"], b["table"], b["n"], {"max_chunks": 2 ** 64}),
@@ -603,10 +633,14 @@ PAGED_BAD = [
 
 VARLEN_BAD = [
     ("cu-decreasing", lambda b: (b["keys"], b["cu"].flip(0), {}), ValueError, "non-decreasing"),
-    ("cu-range", lambda b: (b["keys"], b["cu"] + 1, {}), ValueError, r"cu_chunks\[-1\] = 76 exceeds"),
-    ("cu-float", lambda b: (b["keys"], b["cu"].float(), {}), TypeError, "cu_chunks must have one of"),
-    ("cu-empty", lambda b: (b["keys"], b["cu"][:0], {}), ValueError, r"cu_chunks must be \[B \+ 1\]"),
-    ("cu-batch", lambda b: (b["keys"], b["cu"][:2], {}), ValueError, "cu_chunks describes 1 requests"),
+    ("cu-range", lambda b: (b["keys"], b["cu"] + 1, {}), ValueError,
+     r"cu_chunks\[-1\] = 76 exceeds"),
+    ("cu-float", lambda b: (b["keys"], b["cu"].float(), {}), TypeError,
+     "cu_chunks must have one of"),
+    ("cu-empty", lambda b: (b["keys"], b["cu"][:0], {}), ValueError,
+     r"cu_chunks must be \[B \+ 1\]"),
+    ("cu-batch", lambda b: (b["keys"], b["cu"][:2], {}), ValueError,
+     "cu_chunks describes 1 requests"),
     ("keys-list-length", lambda b: (b["keys"][:1], b["cu"], {}), ValueError,
      "per-layer keys hold 1 layers"),
     ("keys-meta", lambda b: ([k.to("meta") for k in b["keys"]], b["cu"], {}), ValueError,
