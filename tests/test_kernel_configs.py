@@ -42,6 +42,18 @@ def test_installed_triton_is_in_the_declared_range():
     assert configs.OLDEST <= configs.installed() <= configs.NEWEST
 
 
+def test_declared_range_holds_only_spill_free_releases():
+    """Every release pyproject admits compiles spill-free (tests/test_compile.py): 3.7.0 and
+    3.8.0 spill 8-592 bytes a thread with the table's parameters, so they are excluded."""
+    from packaging.specifiers import SpecifierSet
+    text = (ROOT / "pyproject.toml").read_text()
+    spec = SpecifierSet(re.search(r'"triton([^;"]*)', text).group(1))
+    admitted = {(3, minor) for minor in range(0, 12) if f"3.{minor}.0" in spec}
+    assert admitted == {(3, m) for m in range(configs.OLDEST[1], configs.NEWEST[1] + 1)} - \
+        set(configs.SPILLING)
+    assert {(3, 7), (3, 8)} <= set(configs.SPILLING)
+
+
 def test_launch_parameters_follow_the_version_table():
     old, new = configs.OLDEST, configs.NEWEST
     sm90, sm80 = (9, 0), (8, 0)
