@@ -241,7 +241,7 @@ def compile_mqa(arch: str, *, PAGED: bool, ABSOLUTE: bool, FILL: bool, PAGE_UNIT
                 H_PAD: int = 128, BLOCK_B: int | None = None, **config):
     """Compile one specialization of ``mqa_logits.mqa_logits_kernel`` with the launcher's GPU
     parameters (``mqa_launch_config``) or ``config`` overrides."""
-    from .mqa_logits import FILL_N, MAX_ROWS, mqa_launch_config, mqa_logits_kernel
+    from .mqa_logits import FILL_N, MAX_ROWS, mqa_head_trips, mqa_launch_config, mqa_logits_kernel
     target = TARGETS[arch]
     capability = divmod(target.arch, 10)
     cfg = {**mqa_launch_config(1 << 20, H_PAD, capability, PAGED), **config}
@@ -257,7 +257,7 @@ def compile_mqa(arch: str, *, PAGED: bool, ABSOLUTE: bool, FILL: bool, PAGE_UNIT
                       BLOCK_B=BLOCK_B or (16 if PAGED else MAX_ROWS), FILL_N=FILL_N,
                       PAGE_UNIT=PAGE_UNIT,
                       PAGED=PAGED, ABSOLUTE=ABSOLUTE, FILL=FILL, HW_FP8=capability >= (8, 9),
-                      BF16_DOT_VIA_F32=False, WHILE_LOOP=False)
+                      BF16_DOT_VIA_F32=False, WHILE_LOOP=False, ROLL_HEADS=cfg["ROLL_HEADS"])
     for name in constexprs:
         signature[name] = "constexpr"
     # torch allocations are 16-byte aligned; the pool base only when the launcher picks
@@ -266,7 +266,8 @@ def compile_mqa(arch: str, *, PAGED: bool, ABSOLUTE: bool, FILL: bool, PAGE_UNIT
                and (n not in ("kb_ptr", "kf_ptr") or PAGE_UNIT == 16)]
     out = _compile(mqa_logits_kernel, signature, constexprs, arch, cfg["num_warps"],
                    cfg["num_stages"], aligned=aligned)
-    out["tile"] = _tile(cfg, 1, H_PAD, persistent=True, inner_trips=1)  # raw logits, one layer
+    trips = mqa_head_trips(H_PAD, cfg["BLOCK_H"], cfg["ROLL_HEADS"], constexprs["HW_FP8"])
+    out["tile"] = _tile(cfg, 1, H_PAD, persistent=True, inner_trips=trips)  # raw logits, 1 layer
     return out
 
 

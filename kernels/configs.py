@@ -65,3 +65,13 @@ def pick(table: dict, version: tuple[int, int] | None = None):
     """The entry of ``table`` for ``version`` (default: the installed Triton), copied."""
     value = table["3.7+" if register_hungry(version) else "3.6"]
     return dict(value) if isinstance(value, dict) else value
+
+
+# DeepGEMM drop-in kernel (kernels/mqa_logits.py) without an e4m3 type (sm_80): whether its head
+# loop is a runtime loop, and the warps of the non-paged (key ranges) walk. Measured with
+# kernels.aot at H = 128, all five specializations: 3.6.0 unrolled spills 8-56 bytes (paged)
+# and 376 (ranges); rolled, paged fits at 8 warps (128-191 registers) and ranges at 4 warps
+# (128). 3.9.0 unrolled fits everything at 8 warps (183-255); rolled, paged 4-byte units spill
+# 32 bytes.
+MQA_SM80 = {"3.6": dict(roll_heads=True, ranges_warps=4),
+            "3.7+": dict(roll_heads=False, ranges_warps=8)}

@@ -39,6 +39,7 @@ import triton.language as tl
 from flashmemory_triton import constants as C
 from flashmemory_triton.utils import _device
 
+from . import configs
 from ._alloc import alloc_output
 from .numerics import e4m3_bits_to_f32
 from .paged import FILL_N, MAX_ROWS, _num_programs, batched_launch_config
@@ -76,7 +77,8 @@ def _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_
               first_all, cum, row0, H, limit, stride_wr, stride_or,
               D: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, HW_FP8: tl.constexpr,
-              BF16_DOT_VIA_F32: tl.constexpr):
+              BF16_DOT_VIA_F32: tl.constexpr,
+              ROLL_HEADS: tl.constexpr):
     """RANGES: global tile ``t`` of this launch's rows -> its row, then :func:`_mqa_tile_at`."""
     rows = tl.arange(0, BLOCK_B)
     b = tl.sum((cum <= t).to(tl.int32), axis=0)
@@ -88,7 +90,28 @@ def _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_
     _mqa_tile_at((row0 + b).to(tl.int64), (t - first).to(tl.int64) * BLOCK_N, n_b, col0, start,
                  kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, H, limit, 1, 0, 0, 0,
                  stride_wr, stride_or, D, H_PAD, BLOCK_N, BLOCK_H, 16, False, HW_FP8,
-                 BF16_DOT_VIA_F32)
+                 BF16_DOT_VIA_F32, ROLL_HEADS)
+
+
+@triton.jit
+def _mqa_heads(k, sign, h0, r, q_ptr, w_ptr, H, stride_wr, D: tl.constexpr,
+               BLOCK_H: tl.constexpr, HW_FP8: tl.constexpr, BF16_DOT_VIA_F32: tl.constexpr):
+    """``sum_h relu(sign * (fp8 . q_h)) * w_h`` over heads ``h0 .. h0 + BLOCK_H - 1`` of query
+    row ``r`` (e4m3 q bytes: bitcast for the tensor cores, or decoded exactly to bf16)."""
+    cols = tl.arange(0, D)
+    heads = h0 + tl.arange(0, BLOCK_H)
+    hmask = heads < H
+    qb = tl.load(q_ptr + (r * H + heads.to(tl.int64))[:, None] * D + cols[None, :],
+                 mask=hmask[:, None], other=0)
+    w = tl.load(w_ptr + r * stride_wr + heads, mask=hmask, other=0.0)
+    if HW_FP8:
+        s = tl.dot(k, tl.trans(qb.to(tl.float8e4nv, bitcast=True)))
+    elif BF16_DOT_VIA_F32:
+        s = tl.dot(k, tl.trans(e4m3_bits_to_f32(qb)), input_precision="ieee")
+    else:
+        s = tl.dot(k, tl.trans(e4m3_bits_to_f32(qb).to(tl.bfloat16)))
+    s = tl.maximum(s * sign[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.sum(s * w[None, :], axis=1)
 
 
 @triton.jit
@@ -96,7 +119,8 @@ def _mqa_tile_at(r, n0, n_b, col0, start, kb_ptr, kf_ptr, table_ptr, q_ptr, w_pt
                  limit, next_n, page_units, stride_tb, stride_tp, stride_wr, stride_or,
                  D: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_H: tl.constexpr, PAGE_UNIT: tl.constexpr, PAGED: tl.constexpr,
-                 HW_FP8: tl.constexpr, BF16_DOT_VIA_F32: tl.constexpr):
+                 HW_FP8: tl.constexpr, BF16_DOT_VIA_F32: tl.constexpr,
+                 ROLL_HEADS: tl.constexpr):
     """Keys ``n0 .. n0 + BLOCK_N - 1`` (those below ``n_b``) of query row ``r``: logits stored
     at output columns ``col0 + n``. Keys are ``start + n`` (RANGES) or the row's pages."""
     n = n0 + tl.arange(0, BLOCK_N)
@@ -122,22 +146,20 @@ def _mqa_tile_at(r, n0, n_b, col0, start, kb_ptr, kf_ptr, table_ptr, q_ptr, w_pt
     bad = bad | (~valid)
     if BF16_DOT_VIA_F32:
         k = k.to(tl.float32)
-    cols = tl.arange(0, D)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for h0 in tl.static_range(0, H_PAD, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
-        hmask = heads < H
-        qb = tl.load(q_ptr + (r * H + heads.to(tl.int64))[:, None] * D + cols[None, :],
-                     mask=hmask[:, None], other=0)
-        w = tl.load(w_ptr + r * stride_wr + heads, mask=hmask, other=0.0)
-        if HW_FP8:
-            s = tl.dot(k, tl.trans(qb.to(tl.float8e4nv, bitcast=True)))
-        elif BF16_DOT_VIA_F32:
-            s = tl.dot(k, tl.trans(e4m3_bits_to_f32(qb)), input_precision="ieee")
-        else:
-            s = tl.dot(k, tl.trans(e4m3_bits_to_f32(qb).to(tl.bfloat16)))
-        s = tl.maximum(s * sign[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
-        acc += tl.sum(s * w[None, :], axis=1)
+    if HW_FP8 or not ROLL_HEADS:
+        for h0 in tl.static_range(0, H_PAD, BLOCK_H):
+            acc += _mqa_heads(k, sign, h0, r, q_ptr, w_ptr, H, stride_wr, D, BLOCK_H, HW_FP8,
+                              BF16_DOT_VIA_F32)
+    else:
+        # Without an e4m3 type (sm_80) the q bytes are decoded with integer ops per head
+        # block. Unrolled, Triton 3.6 lets ptxas start every block's loads and decode at once
+        # (255 registers and 8-376 bytes of stack); a runtime loop keeps one block live. Which
+        # versions roll is ``configs.MQA_SM80`` (the launcher's choice, compile-tested);
+        # ``kernels.aot`` counts the loop's trips (``mqa_head_trips``) in the tile report.
+        for h0 in range(0, H_PAD, BLOCK_H):
+            acc += _mqa_heads(k, sign, h0, r, q_ptr, w_ptr, H, stride_wr, D, BLOCK_H, HW_FP8,
+                              BF16_DOT_VIA_F32)
     logit = tl.where(bad, float("nan"), acc * abs_scale)
     tl.store(out_ptr + r * stride_or + col0 + n, logit, mask=nmask)
 
@@ -179,7 +201,8 @@ def _paged_walk(pid, nprog, meta_ptr, len_ptr, kb_ptr, kf_ptr, table_ptr, q_ptr,
                 R, H, cap, limit, next_n, page_units, stride_tb, stride_tp, stride_wr, stride_or,
                 D: tl.constexpr, H_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_H: tl.constexpr, PAGE_UNIT: tl.constexpr, HW_FP8: tl.constexpr,
-                BF16_DOT_VIA_F32: tl.constexpr):
+                BF16_DOT_VIA_F32: tl.constexpr,
+                ROLL_HEADS: tl.constexpr):
     """PAGED: walk this program's share of the schedule, from ``(row, block)`` at
     ``meta[pid]`` up to (not including) ``meta[pid + 1]``, in order: a block past its row's
     length moves on to the next row. The first share starts at ``(0, 0)`` and the last ends
@@ -201,7 +224,7 @@ def _paged_walk(pid, nprog, meta_ptr, len_ptr, kb_ptr, kf_ptr, table_ptr, q_ptr,
             _mqa_tile_at(r, j * BLOCK_N, n_r, 0, 0, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr,
                          out_ptr, H, limit, next_n, page_units, stride_tb, stride_tp, stride_wr,
                          stride_or, D, H_PAD, BLOCK_N, BLOCK_H, PAGE_UNIT, True, HW_FP8,
-                         BF16_DOT_VIA_F32)
+                         BF16_DOT_VIA_F32, ROLL_HEADS)
         j = tl.where(here, j + 1, 0)
         r = tl.where(here, r, r + 1)
 
@@ -220,6 +243,7 @@ def mqa_logits_kernel(
     BLOCK_B: tl.constexpr, FILL_N: tl.constexpr, PAGE_UNIT: tl.constexpr,
     PAGED: tl.constexpr, ABSOLUTE: tl.constexpr, FILL: tl.constexpr, HW_FP8: tl.constexpr,
     BF16_DOT_VIA_F32: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    ROLL_HEADS: tl.constexpr,  # a runtime head loop (see _mqa_tile_at)
 ):
     """PAGED: all ``R`` rows in one launch, one program per schedule share. RANGES: rows
     ``row0 .. row0 + R - 1`` (at most ``MAX_ROWS``). ``limit``: pages in the pool (PAGED) or
@@ -239,7 +263,7 @@ def mqa_logits_kernel(
         _paged_walk(pid, nprog, meta_ptr, lo_ptr, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr,
                     out_ptr, R64, H, cap, limit, next_n, page_units, stride_tb, stride_tp,
                     stride_wr, stride_or, D, H_PAD, BLOCK_N, BLOCK_H, PAGE_UNIT, HW_FP8,
-                    BF16_DOT_VIA_F32)
+                    BF16_DOT_VIA_F32, ROLL_HEADS)
         if FILL:
             if WHILE_LOOP:
                 f = pid
@@ -257,7 +281,7 @@ def mqa_logits_kernel(
             while t < total:
                 _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_all,
                           col0_all, first_all, cum, row0, H, limit, stride_wr, stride_or, D,
-                          H_PAD, BLOCK_N, BLOCK_H, BLOCK_B, HW_FP8, BF16_DOT_VIA_F32)
+                          H_PAD, BLOCK_N, BLOCK_H, BLOCK_B, HW_FP8, BF16_DOT_VIA_F32, ROLL_HEADS)
                 t += nprog
             if FILL:
                 f = pid
@@ -269,7 +293,7 @@ def mqa_logits_kernel(
             for t in range(pid, total, nprog):
                 _mqa_tile(t, kb_ptr, kf_ptr, table_ptr, q_ptr, w_ptr, out_ptr, n_all, start_all,
                           col0_all, first_all, cum, row0, H, limit, stride_wr, stride_or, D,
-                          H_PAD, BLOCK_N, BLOCK_H, BLOCK_B, HW_FP8, BF16_DOT_VIA_F32)
+                          H_PAD, BLOCK_N, BLOCK_H, BLOCK_B, HW_FP8, BF16_DOT_VIA_F32, ROLL_HEADS)
             if FILL:
                 for f in range(pid, R * n_fill, nprog):
                     _mqa_fill(f, n_fill, n_all, col0_all, row0, width, out_ptr, stride_or,
@@ -285,7 +309,19 @@ def mqa_launch_config(width: int, H_pad: int, capability: tuple[int, int] | None
     cfg = batched_launch_config(width, H_pad, "fp8", capability, paged=True)
     if paged:
         cfg["BLOCK_N"] = C.PAGE_CHUNKS
+    # The interpreter rolls (the less trivial control flow is the one the CPU tests run).
+    cfg["ROLL_HEADS"] = capability is None
+    if capability is not None and capability < _device.HW_FP8_CAPABILITY:
+        sm80 = configs.pick(configs.MQA_SM80)
+        cfg["ROLL_HEADS"] = sm80["roll_heads"]
+        if not paged:
+            cfg["num_warps"] = sm80["ranges_warps"]
     return cfg
+
+
+def mqa_head_trips(H_pad: int, block_h: int, roll_heads: bool, hw_fp8: bool) -> int:
+    """Trips of the runtime head loop inside one key tile (1: the head loop is unrolled)."""
+    return H_pad // block_h if roll_heads and not hw_fp8 else 1
 
 
 def page_unit(stride_bytes: int, base_ptr: int) -> int:

@@ -40,6 +40,9 @@ def capability(device: torch.device | str | None = None) -> tuple[int, int] | No
     return torch.cuda.get_device_capability(device)
 
 
+HW_FP8_CAPABILITY = (8, 9)  # the first compute capability with e4m3 conversions
+
+
 def has_hw_fp8(device: torch.device | str | None = None) -> bool:
     """Native e4m3 conversions and fp8 tensor-core dots (sm_89 and newer).
 
@@ -47,7 +50,7 @@ def has_hw_fp8(device: torch.device | str | None = None) -> bool:
     for the two NaN encodings, so the bit-decoding path (the sm_80 path) is used there.
     """
     cap = capability(device)
-    return cap is not None and cap >= (8, 9)
+    return cap is not None and cap >= HW_FP8_CAPABILITY
 
 
 def triton_runs_on(device: torch.device | str) -> bool:
