@@ -11,6 +11,8 @@ devices are still checked there. See ``docs/validation.md``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import constants as C
@@ -113,6 +115,20 @@ def real_number(name: str, value, *, finite: bool = True) -> float:
     if math.isnan(value) or (finite and math.isinf(value)):
         raise ValueError(f"{name} must be a {'finite ' if finite else ''}number, got {value!r}")
     return value
+
+
+ADDRESS_LIMIT = 2 ** 63  # bytes: torch sizes, strides and byte counts are int64
+
+
+def addressable(what: str, shape, element_size: int, **args) -> None:
+    """Refuse, naming ``args`` (the arguments that size it, with their values), an allocation
+    of ``shape`` that cannot exist: its bytes (empty dims counted as 1, as torch's stride
+    arithmetic does) reach 2**63, where torch fails with an internal overflow naming nothing.
+    Sizes below that pass (a real out-of-memory stays torch's)."""
+    if math.prod(max(int(d), 1) for d in shape) * element_size >= ADDRESS_LIMIT:
+        named = ", ".join(f"{k} = {v!r}" for k, v in args.items())
+        raise ValueError(f"{named}: too large, {what} {list(shape)} of {element_size}-byte "
+                         f"elements would pass 2**63 bytes")
 
 
 def positive_int(name: str, value) -> int:

@@ -230,6 +230,7 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num
         raise ValueError(f"block_kv must be {BLOCK_KV} (the only page size), got {block_kv!r}")
     if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1:
         raise ValueError(f"num_sms must be a positive int, got {num_sms!r}")
+    V.addressable("the schedule", (num_sms + 1, 2), 8, num_sms=num_sms)
     V.tensor("context_lens", context_lens, dtypes=_LEN_DTYPES, ndims=(1, 2))
     lens = context_lens.reshape(-1) if context_lens.dim() == 2 else context_lens
     _check_indices(indices, lens.shape[0], context_lens,

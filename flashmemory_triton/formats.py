@@ -254,6 +254,9 @@ def pack_pool(requests, *, page_ids=None, num_pages: int | None = None,
         raise ValueError(f"max_pages must be an int >= {max(need, default=0)} (the longest "
                          f"request's pages), got {max_pages!r}")
     L = reqs[0].shape[0] if per_layer else None
+    V.addressable("the pool", ((L,) if per_layer else ()) + (P, C.PAGE_BYTES), 1,
+                  **{"num_pages" if num_pages is not None else "page_ids (highest page + 1)": P})
+    V.addressable("the page table", (len(reqs), width), index_dtype.itemsize, max_pages=width)
     pool = torch.zeros(*((L,) if per_layer else ()), P, C.PAGE_BYTES, dtype=torch.uint8,
                        device=device)
     table = torch.full((len(reqs), width), -1, dtype=index_dtype, device=device)

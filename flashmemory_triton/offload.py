@@ -66,6 +66,24 @@ def _bytes_view(t: torch.Tensor, lead: int) -> torch.Tensor:
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
+def _check_history_sizes(batch, row_bytes, page_size, capacity, lookup: bool = False,
+                         row_name: str = "row_bytes") -> None:
+    """The history's sizes are ints in range and its tensors addressable: ``data [batch,
+    capacity (page-rounded), row_bytes]`` uint8, ``lengths [batch]`` int64 and, for an engine
+    (``lookup``), the chunk lookup ``[batch, capacity]`` int64. Checked before anything is
+    allocated, so an absurd size is a ValueError naming it, not torch's size overflow."""
+    for name, v, lo in (("batch", batch, 1), ("row_bytes", row_bytes, 1),
+                        ("page_size", page_size, 1), ("capacity", capacity, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    cap = -(-capacity // page_size) * page_size
+    sizes = dict(batch=batch, capacity=capacity, page_size=page_size)
+    V.addressable("the history", (batch, cap, row_bytes), 1, **sizes, **{row_name: row_bytes})
+    V.addressable("the row lengths", (batch,), 8, batch=batch)
+    if lookup:
+        V.addressable("the chunk lookup", (batch, cap), 8, **sizes)
+
+
 class ChunkHistory:
     """Append-only per-row chunk store: uint8 ``[B, capacity, row_bytes]`` plus row lengths.
 
@@ -76,10 +94,7 @@ class ChunkHistory:
 
     def __init__(self, batch: int, row_bytes: int, *, page_size: int = C.PAGE_CHUNKS,
                  device="cpu", pin_memory: bool = False, capacity: int = 0):
-        for name, v, lo in (("batch", batch, 1), ("row_bytes", row_bytes, 1),
-                            ("page_size", page_size, 1), ("capacity", capacity, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        _check_history_sizes(batch, row_bytes, page_size, capacity)
         self.batch, self.row_bytes, self.page_size = batch, row_bytes, page_size
         self.device = torch.device(device)
         self.pin_memory = bool(pin_memory)
@@ -228,6 +243,8 @@ class OffloadEngine:
             pin_memory = self.on_cuda
         self.row_shape, self.dtype = row_shape, dtype
         row_bytes = math.prod(row_shape) * torch.empty((), dtype=dtype).element_size()
+        _check_history_sizes(batch, row_bytes, page_size, capacity, lookup=True,
+                             row_name=f"row bytes (row_shape {row_shape} x {dtype})")
         self.history = ChunkHistory(batch, row_bytes, page_size=page_size, device="cpu",
                                     pin_memory=pin_memory, capacity=capacity)
         self.batch, self.page_size, self.row_bytes = batch, page_size, row_bytes

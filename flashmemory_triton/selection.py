@@ -110,6 +110,7 @@ class ThresholdFallback:
             raise ValueError(f"batch must be a non-negative int, got {batch!r}")
         if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not 0.0 <= bound < 1.0:
             raise ValueError(f"bound must be a float in [0, 1), got {bound!r}")
+        V.addressable("the per-row totals", (batch,), 8, batch=batch)
         self.bound = float(bound)
         self.total_hits = torch.zeros(batch, dtype=torch.int64, device=device)
         self.total_chunks = torch.zeros(batch, dtype=torch.int64, device=device)

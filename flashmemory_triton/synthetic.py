@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from . import _validate as V
 from . import constants as C
 
 __all__ = [
@@ -216,6 +217,8 @@ def mock_hidden(batch: int, hidden: int = C.HIDDEN_SIZE, generator: torch.Genera
     about 0.5) like real residual streams do; the synthetic weights rely on that (module doc).
     """
     batch = _positive_int("batch", batch)
+    hidden = _positive_int("hidden", hidden)
+    V.addressable("the hidden states", (batch, hidden), 4, batch=batch, hidden=hidden)
     z = torch.randn(batch, hidden, generator=generator, device=_generator_device(generator))
     return (z + shared_hidden_component(hidden).to(z.device)).to(device)
 
@@ -231,6 +234,8 @@ def mock_compressed_k(batch: int, n_chunks: int, generator: torch.Generator | No
     if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 0:
         raise ValueError(f"n_chunks must be a non-negative int, got {n_chunks!r}")
     head_dim = _positive_int("head_dim", head_dim)
+    V.addressable("the float32 draws", (batch, n_chunks, head_dim), 4, batch=batch,
+                  n_chunks=n_chunks, head_dim=head_dim)
     gen_device = _generator_device(generator)
     values = torch.randn(batch, n_chunks, head_dim, generator=generator, device=gen_device)
     fp8 = (values * MOCK_KEY_STD).to(torch.float8_e4m3fn).view(torch.uint8)

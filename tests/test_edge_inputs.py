@@ -7,6 +7,8 @@ so any difference is a bug, not rounding.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -321,3 +323,62 @@ def test_demo_hub_offline_is_one_line_and_fast(tmp_path, unreachable_hub, monkey
     err = capsys.readouterr().err
     assert time.monotonic() - t0 < 10
     assert rc == 2 and "unreachable" in err and "Traceback" not in err
+
+
+# --- absurd sizes: a named refusal, not torch's "Storage size calculation overflowed" ----------
+def _one_request():
+    return [make_keys((3,), torch.Generator().manual_seed(0))]
+
+
+def _absurd_size_cases():
+    from flashmemory_triton import deepgemm as dg
+    from flashmemory_triton import paged as P
+    from flashmemory_triton.offload import ChunkHistory, OffloadEngine
+    from flashmemory_triton.selection import ThresholdFallback
+    from flashmemory_triton.synthetic import mock_compressed_k, mock_hidden
+    huge = 2 ** 62
+    return {  # id: (call, the argument the refusal must name, with its value)
+        "engine-batch": (lambda: OffloadEngine(huge, reserve_pages=1), "batch"),
+        "engine-capacity": (lambda: OffloadEngine(2, reserve_pages=1, capacity=huge), "capacity"),
+        "engine-page-size": (lambda: OffloadEngine(2, reserve_pages=0, page_size=huge,
+                                                   capacity=1), "page_size"),
+        "engine-row-shape": (lambda: OffloadEngine(2, row_shape=(huge,), reserve_pages=0),
+                             r"row_shape \(4611686018427387904,\)"),
+        "history-batch": (lambda: ChunkHistory(huge, 8), "batch"),
+        "history-capacity": (lambda: ChunkHistory(2, 8, capacity=huge), "capacity"),
+        "fallback-batch": (lambda: ThresholdFallback(huge, 0.5), "batch"),
+        "pack-num-pages": (lambda: P.pack_pool(_one_request(), num_pages=huge), "num_pages"),
+        "pack-max-pages": (lambda: P.pack_pool(_one_request(), max_pages=huge), "max_pages"),
+        "pack-page-ids": (lambda: P.pack_pool(_one_request(), page_ids=[[huge]]), "page_ids"),
+        "schedule-num-sms": (lambda: dg.get_paged_mqa_logits_metadata(
+            torch.ones(2, dtype=torch.int32), 64, huge), "num_sms"),
+        "mock-hidden-batch": (lambda: mock_hidden(huge), "batch"),
+        "mock-keys-n-chunks": (lambda: mock_compressed_k(2, huge), "n_chunks"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_absurd_size_cases()))
+def test_absurd_sizes_are_refused_by_name(case):
+    """A size whose tensor would pass 2**63 bytes cannot exist: refused before any allocation
+    with a ValueError naming the argument and its value (it was torch's internal overflow)."""
+    call, name = _absurd_size_cases()[case]
+    with pytest.raises(ValueError, match="too large") as info:
+        call()
+    assert re.search(name, str(info.value)), str(info.value)
+    value = "4611686018427387905" if case == "pack-page-ids" else "4611686018427387904"
+    assert value in str(info.value)
+
+
+def test_large_but_addressable_sizes_pass_the_size_check():
+    """The bound is addressability, not a guess at memory: one element below 2**63 bytes
+    passes (a real out-of-memory stays torch's), and ordinary sizes allocate."""
+    from flashmemory_triton import _validate as V
+    from flashmemory_triton import paged as P
+    from flashmemory_triton.selection import ThresholdFallback
+    V.addressable("x", (2 ** 60 - 1,), 8, n=1)
+    V.addressable("x", (0, 2 ** 61), 2, n=1)  # empty dims count as 1: 2**62 bytes
+    with pytest.raises(ValueError, match="n = 1"):
+        V.addressable("x", (2 ** 60,), 8, n=1)
+    assert ThresholdFallback(1 << 16, 0.5).active.shape == (1 << 16,)
+    batch = P.pack_pool(_one_request(), num_pages=1 << 10, max_pages=1 << 10)
+    assert batch.pool.shape == (1 << 10, C.PAGE_BYTES) and batch.page_table.shape == (1, 1 << 10)
