@@ -61,8 +61,9 @@ def launches(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
+    from flashmemory_triton.kernels import mqa_logits
     for mod, name in ((query_prep, "prepare_query_launch"), (score, "fused_score_launch"),
-                      (kpaged, "batched_score_launch")):
+                      (kpaged, "batched_score_launch"), (mqa_logits, "mqa_logits_launch")):
         monkeypatch.setattr(mod, name, counting(getattr(mod, name)))
     return count
 
@@ -688,3 +689,343 @@ def test_converters_and_helpers_keep_the_contract(case, launches):
     state = snapshot(*tensors())
     assert same(_converters(args), _converters(canon))
     assert same(snapshot(*tensors()), state)
+
+
+# --- the DeepGEMM drop-in: fp8_mqa_logits, fp8_paged_mqa_logits, get_paged_mqa_logits_metadata --
+# Its contract differs in one way: q, kv and the paged weights must be contiguous (DeepGEMM's
+# rule), so their layouts vary only in storage offset (a strided one is a fault, refused); the
+# other tensors take any layout. fp8 tensors are relaid and snapshotted as their uint8 bytes.
+FP8 = torch.float8_e4m3fn
+DG_BACKENDS = ("torch", "triton")
+
+
+def contiguous_at(offset: int):
+    """A layout that keeps a tensor contiguous, at ``offset`` elements into a poisoned buffer."""
+    return lambda t: relayout(t, (list(range(t.dim())), [1] * t.dim(), offset))
+
+
+def _fp8_relayout(t: torch.Tensor, offset: int) -> torch.Tensor:
+    return contiguous_at(offset)(t.view(torch.uint8)).view(FP8)
+
+
+def _bytes(t):
+    return t.view(torch.uint8) if isinstance(t, torch.Tensor) and t.dtype == FP8 else t
+
+
+def _fp8(shape, g, raw: bool) -> torch.Tensor:
+    """e4m3 values: raw random bytes (NaN bytes included) or quantized normals."""
+    if raw:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).view(FP8)
+    return (torch.randn(*shape, generator=g) * 2).to(FP8)
+
+
+def _specified(out: torch.Tensor, inside: torch.Tensor, clean: bool) -> torch.Tensor:
+    """The entries the contract fixes: every one when ``clean`` (-inf outside the keys), else
+    those inside each row's keys (the rest is unspecified, as in DeepGEMM)."""
+    return out if clean else torch.where(inside, out, torch.zeros_like(out))
+
+
+MQA_FAULTS = {
+    "q-strided": ("q", lambda a: a.update(q=torch.cat([a["q"], a["q"]], -1)[..., :C.HEAD_DIM])),
+    "q-dtype": ("q", lambda a: a.update(q=a["q"].view(torch.uint8))),
+    "q-head-dim": ("q", lambda a: a.update(q=a["q"][..., :64])),
+    "kv-single": ("kv", lambda a: a.update(kv=a["kv"][0])),
+    "kv-strided": ("kv", lambda a: a.update(kv=(torch.cat([a["kv"][0]] * 2, -1)[:, :C.HEAD_DIM],
+                                                a["kv"][1]))),
+    "kv-scale-length": (r"kv\[1\]", lambda a: a.update(kv=(a["kv"][0],
+                                                          torch.cat([a["kv"][1], torch.ones(1)])))),
+    "kv-scale-dtype": (r"kv\[1\]", lambda a: a.update(kv=(a["kv"][0], a["kv"][1].double()))),
+    "weights-shape": ("weights", lambda a: a.update(
+        weights=torch.cat([a["weights"], a["weights"][:, :1] * 0 + 1], 1))),
+    "weights-dtype": ("weights", lambda a: a.update(weights=a["weights"].half())),
+    "ks-float": ("cu_seq_len_k_start", lambda a: a.update(ks=a["ks"].float())),
+    "ke-length": ("cu_seq_len_k_end",
+                  lambda a: a.update(ke=torch.cat([a["ke"], a["ke"].new_zeros(1)]))),
+    "ks-meta": ("cu_seq_len_k_start", lambda a: a.update(ks=a["ks"].to("meta"))),
+    "max-seqlen-negative": ("max_seqlen_k", lambda a: a.update(max_seqlen_k=-1)),
+    "max-seqlen-huge": ("max_seqlen_k", lambda a: a.update(max_seqlen_k=2 ** 62, clean=False)),
+    "max-seqlen-bool": ("max_seqlen_k", lambda a: a.update(max_seqlen_k=True)),
+    "clean-with-width": ("clean_logits", lambda a: a.update(max_seqlen_k=5, clean=True)),
+    "clean-int": ("clean_logits", lambda a: a.update(clean=1)),
+}
+
+
+@st.composite
+def mqa_cases(draw, fault=None):
+    """A valid call, or (``fault``) one made invalid by that fault; sizes where the fault
+    exists (a slice of one row or head is still contiguous)."""
+    M = draw(st.integers(1 if fault == "q-strided" else 0, 3))
+    N = draw(st.integers(2 if fault == "kv-strided" else 0, 9))
+    H = draw(st.integers(2 if fault == "q-strided" else 1, 5))
+    width = draw(st.sampled_from([0, 0, 1, 4, 11]))
+    case = dict(backend=draw(st.sampled_from(DG_BACKENDS)), M=M, N=N, H=H, width=width,
+                clean=draw(st.booleans()) and width == 0, raw=draw(st.booleans()),
+                seed=draw(st.integers(0, 2 ** 31 - 1)),
+                ks=draw(st.lists(st.integers(-3, N + 3), min_size=M, max_size=M)),
+                ke=draw(st.lists(st.integers(-3, N + 3), min_size=M, max_size=M)),
+                idtype=draw(st.sampled_from([torch.int32, torch.int64])),
+                oq=draw(st.sampled_from([0, 1, 5])), ok=draw(st.sampled_from([0, 2])),
+                os=draw(st.sampled_from([0, 3])), lw=draw(layouts(2)), lks=draw(layouts(1)),
+                lke=draw(layouts(1)))
+    case["lw"] = ([0, 1], case["lw"][1][:1] + [1], case["lw"][2])  # unit head stride (rule)
+    case["fault"] = fault
+    return case
+
+
+def _mqa_call(case, a):
+    from flashmemory_triton import deepgemm as dg
+    return dg.fp8_mqa_logits(a["q"], a["kv"], a["weights"], a["ks"], a["ke"], a["clean"],
+                             a["max_seqlen_k"], backend=case["backend"])
+
+
+@pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@contract(40)
+@given(case=mqa_cases())
+def test_deepgemm_mqa_logits_keeps_the_contract(case, launches):
+    _check_mqa(case, launches)
+
+
+@pytest.mark.parametrize("fault", list(MQA_FAULTS))
+@contract(3)
+@given(data=st.data())
+def test_deepgemm_mqa_logits_refuses_by_name(fault, data, launches):
+    _check_mqa(data.draw(mqa_cases(fault)), launches)
+
+
+def _check_mqa(case, launches):
+    g = torch.Generator().manual_seed(case["seed"])
+    M, N, H, width = case["M"], case["N"], case["H"], case["width"]
+    q, k8 = _fp8((M, H, C.HEAD_DIM), g, case["raw"]), _fp8((N, C.HEAD_DIM), g, case["raw"])
+    scale = torch.randn(N, generator=g) / 8
+    w = torch.randn(M, H, generator=g)
+    ks = torch.tensor(case["ks"], dtype=torch.int64).to(case["idtype"])
+    ke = torch.tensor(case["ke"], dtype=torch.int64).to(case["idtype"])
+    canon = dict(q=q, kv=(k8, scale), weights=w, ks=ks, ke=ke, clean=case["clean"],
+                 max_seqlen_k=width)
+    args = dict(canon, q=_fp8_relayout(q, case["oq"]),
+                kv=(_fp8_relayout(k8, case["ok"]), contiguous_at(case["os"])(scale)),
+                weights=relayout(w, case["lw"]), ks=relayout(ks, case["lks"]),
+                ke=relayout(ke, case["lke"]))
+    tensors = lambda: [_bytes(args["q"]), *map(_bytes, args["kv"]),  # noqa: E731
+                       args["weights"], args["ks"], args["ke"]] \
+        if isinstance(args["kv"], tuple) else [_bytes(args["q"]), _bytes(args["kv"])]
+    if case["fault"] is not None:
+        name, mutate = MQA_FAULTS[case["fault"]]
+        mutate(args)
+        refused(lambda: _mqa_call(case, args), [name], launches, snapshot(*tensors()),
+                *tensors())
+        return
+    state, before = snapshot(*tensors()), launches["n"]
+    want, got = _mqa_call(case, canon), _mqa_call(case, args)
+    assert launches["n"] - before == 2 * (case["backend"] == "triton"), "not the backend asked"
+    assert got.shape == want.shape == (M, width or N)
+    lo = ks.long().clamp(0, N)
+    hi = torch.maximum(ke.long().clamp(0, N), lo)
+    j = torch.arange(width or N)
+    inside = ((j[None] >= lo[:, None]) & (j[None] < hi[:, None]) if width == 0
+              else j[None] < (hi - lo)[:, None])
+    assert same(_specified(got, inside, case["clean"]), _specified(want, inside, case["clean"])), \
+        "fp8_mqa_logits on a relayout differs from the contiguous call"
+    assert same(snapshot(*tensors()), state)
+
+
+PAGED_MQA_FAULTS = {
+    "q-strided": ("q", lambda a: a.update(q=torch.cat([a["q"], a["q"]], -1)[..., :C.HEAD_DIM])),
+    "q-dtype": ("q", lambda a: a.update(q=a["q"].view(torch.uint8))),
+    "cache-int8": ("kv_cache", lambda a: a.update(kv_cache=a["kv_cache"].view(torch.int8))),
+    "cache-block": ("kv_cache", lambda a: a.update(kv_cache=a["kv_cache"][:, :32])),
+    "cache-width": ("kv_cache", lambda a: a.update(kv_cache=a["kv_cache"][..., :68])),
+    "cache-misaligned": ("kv_cache", lambda a: a.update(kv_cache=a["misaligned"])),
+    "weights-strided": ("weights", lambda a: a.update(
+        weights=torch.cat([a["weights"]] * 2, 1)[:, ::2])),
+    "weights-dtype": ("weights", lambda a: a.update(weights=a["weights"].double())),
+    "lens-float": ("context_lens", lambda a: a.update(context_lens=a["context_lens"].float())),
+    "lens-batch": ("context_lens", lambda a: a.update(
+        context_lens=torch.cat([a["context_lens"], a["context_lens"][:1]]))),
+    "table-int16": ("block_table", lambda a: a.update(block_table=a["block_table"].short())),
+    "table-batch": ("block_table", lambda a: a.update(block_table=a["block_table"][:0])),
+    "meta-int64": ("schedule_meta", lambda a: a.update(schedule_meta=a["schedule_meta"].long())),
+    "meta-short": ("schedule_meta", lambda a: a.update(schedule_meta=a["schedule_meta"][:1])),
+    "width-negative": ("max_context_len", lambda a: a.update(max_context_len=-1)),
+    "width-huge": ("max_context_len", lambda a: a.update(max_context_len=2 ** 62)),
+    "width-float": ("max_context_len", lambda a: a.update(max_context_len=8.0)),
+    "clean-int": ("clean_logits", lambda a: a.update(clean=0)),
+    "indices-length": ("indices", lambda a: a.update(
+        indices=torch.zeros(a["weights"].shape[0] + 1, dtype=torch.int32))),
+}
+
+
+@st.composite
+def paged_mqa_cases(draw, fault=None):
+    B = draw(st.integers(1, 3))
+    next_n = draw(st.integers(1, 1 if fault == "indices-length" else 2))
+    H = draw(st.integers(2 if fault in ("q-strided", "weights-strided") else 1, 4))
+    case = dict(backend=draw(st.sampled_from(DG_BACKENDS)), B=B, next_n=next_n, H=H,
+                lengths=draw(st.lists(st.integers(0, 70), min_size=B, max_size=B)),
+                two_d=draw(st.booleans()),  # an empty cache has no address to misalign:
+                spare=draw(st.integers(1 if fault == "cache-misaligned" else 0, 2)),
+                width=draw(st.sampled_from([0, 1, 40, 64, 80, 150])),
+                clean=draw(st.booleans()), raw=draw(st.booleans()),
+                idtype=draw(st.sampled_from([torch.int32, torch.int64])),
+                num_sms=draw(st.integers(1, 5)), seed=draw(st.integers(0, 2 ** 31 - 1)),
+                stride_pad=draw(st.sampled_from([0, 4, 16])), offset=draw(st.sampled_from([0, 4])),
+                oq=draw(st.sampled_from([0, 1])), ow=draw(st.sampled_from([0, 3])),
+                lc=draw(layouts(2)), lt=draw(layouts(2)), lm=draw(layouts(2)),
+                with_indices=draw(st.booleans()))
+    case["fault"] = fault
+    return case
+
+
+def _paged_pool(pages: torch.Tensor, stride: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pages [P, 8448]`` as a ``[P, 64, 1, 132]`` cache with page stride ``stride`` bytes at
+    byte ``offset`` of a poisoned buffer, and the same cache one byte further (misaligned)."""
+    P = pages.shape[0]
+    buf = torch.full((offset + P * stride + 1,), 0x7F, dtype=torch.uint8)
+    view = buf[offset:offset + P * stride].view(P, stride)[:, :C.PAGE_BYTES]
+    view.copy_(pages)
+    shape, strides = (P, 64, 1, C.CHUNK_BYTES), (stride, C.CHUNK_BYTES, C.CHUNK_BYTES, 1)
+    return (buf.as_strided(shape, strides, offset), buf.as_strided(shape, strides, offset + 1))
+
+
+def _paged_mqa_call(case, a):
+    from flashmemory_triton import deepgemm as dg
+    return dg.fp8_paged_mqa_logits(a["q"], a["kv_cache"], a["weights"], a["context_lens"],
+                                   a["block_table"], a["schedule_meta"], a["max_context_len"],
+                                   a["clean"], a["indices"], backend=case["backend"])
+
+
+@pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@contract(40)
+@given(case=paged_mqa_cases())
+def test_deepgemm_paged_mqa_logits_keeps_the_contract(case, launches):
+    _check_paged_mqa(case, launches)
+
+
+@pytest.mark.parametrize("fault", list(PAGED_MQA_FAULTS))
+@contract(3)
+@given(data=st.data())
+def test_deepgemm_paged_mqa_logits_refuses_by_name(fault, data, launches):
+    _check_paged_mqa(data.draw(paged_mqa_cases(fault)), launches)
+
+
+def _check_paged_mqa(case, launches):
+    from flashmemory_triton import deepgemm as dg
+    g = torch.Generator().manual_seed(case["seed"])
+    B, next_n, H, R = case["B"], case["next_n"], case["H"], case["B"] * case["next_n"]
+    need = [-(-n // 64) for n in case["lengths"]]
+    P = sum(need) + case["spare"]
+    order = torch.randperm(P, generator=g)
+    table = torch.full((B, max(need, default=0) + 1), -1, dtype=torch.int64)
+    at = 0
+    for b, k in enumerate(need):
+        table[b, :k] = order[at:at + k]
+        at += k
+    table = table.to(case["idtype"])
+    if case["raw"]:
+        pages = torch.randint(0, 256, (P, C.PAGE_BYTES), dtype=torch.uint8, generator=g)
+    else:
+        fp8 = _fp8((P, 64 * C.HEAD_DIM), g, raw=False).view(torch.uint8)
+        scales = (torch.rand(P, 64, generator=g) / 8).view(torch.uint8)
+        pages = torch.cat([fp8, scales], 1)
+    lens1 = torch.tensor(case["lengths"], dtype=torch.int64)
+    if case["two_d"]:
+        ctx = (torch.rand(B, next_n, generator=g) * (lens1[:, None] + 1)).long()
+    else:
+        ctx = lens1
+    ctx = ctx.to(case["idtype"])
+    q = _fp8((B, next_n, H, C.HEAD_DIM), g, case["raw"])
+    w = torch.randn(R, H, generator=g)
+    meta = dg.get_paged_mqa_logits_metadata(ctx, 64, case["num_sms"])
+    indices = torch.arange(R, dtype=torch.int32) if case["with_indices"] and next_n == 1 \
+        else None
+    cache0, _ = _paged_pool(pages, C.PAGE_BYTES, 0)
+    canon = dict(q=q, kv_cache=cache0, weights=w, context_lens=ctx, block_table=table,
+                 schedule_meta=meta, max_context_len=case["width"], clean=case["clean"],
+                 indices=indices)
+    cache, misaligned = _paged_pool(pages, C.PAGE_BYTES + case["stride_pad"], case["offset"])
+    args = dict(canon, q=_fp8_relayout(q, case["oq"]), kv_cache=cache, misaligned=misaligned,
+                weights=contiguous_at(case["ow"])(w), context_lens=relayout(ctx, case["lc"])
+                if ctx.dim() == 2 else relayout(ctx, ([0], case["lc"][1][:1], 3)),
+                block_table=relayout(table, case["lt"]), schedule_meta=relayout(meta, case["lm"]))
+    names = ("q", "kv_cache", "weights", "context_lens", "block_table", "schedule_meta")
+    tensors = lambda: [_bytes(args[k]) for k in names]  # noqa: E731
+    if case["fault"] is not None:
+        name, mutate = PAGED_MQA_FAULTS[case["fault"]]
+        mutate(args)
+        refused(lambda: _paged_mqa_call(case, args), [name], launches, snapshot(*tensors()),
+                *tensors())
+        return
+    state, before = snapshot(*tensors()), launches["n"]
+    want, got = _paged_mqa_call(case, canon), _paged_mqa_call(case, args)
+    assert launches["n"] - before == 2 * (case["backend"] == "triton"), "not the backend asked"
+    width = case["width"]
+    assert got.shape == want.shape == (R, width)
+    rows = dg.row_lengths(ctx, next_n).long().clamp(0, table.shape[1] * 64)
+    inside = torch.arange(width)[None] < rows[:, None]
+    assert same(_specified(got, inside, case["clean"]), _specified(want, inside, case["clean"])), \
+        "fp8_paged_mqa_logits on a relayout differs from the contiguous call"
+    assert same(snapshot(*tensors()), state)
+
+
+METADATA_FAULTS = {
+    "block-kv": ("block_kv", lambda a: a.update(block_kv=32)),
+    "num-sms-zero": ("num_sms", lambda a: a.update(num_sms=0)),
+    "num-sms-huge": ("num_sms", lambda a: a.update(num_sms=2 ** 62)),
+    "num-sms-bool": ("num_sms", lambda a: a.update(num_sms=True)),
+    "lens-float": ("context_lens", lambda a: a.update(context_lens=a["context_lens"].float())),
+    "lens-3d": ("context_lens",
+                lambda a: a.update(context_lens=a["context_lens"].reshape(1, 1, -1))),
+    "indices-length": ("indices", lambda a: a.update(
+        indices=torch.zeros(a["context_lens"].numel() + 1, dtype=torch.int32))),
+}
+
+
+@st.composite
+def metadata_cases(draw, fault=None):
+    B, next_n = draw(st.integers(0, 4)), draw(st.integers(1, 3))
+    two_d = draw(st.booleans())
+    return dict(B=B, next_n=next_n, two_d=two_d,
+                lengths=draw(st.lists(st.integers(-5, 300), min_size=B * next_n,
+                                      max_size=B * next_n)),
+                idtype=draw(st.sampled_from([torch.int32, torch.int64])),
+                num_sms=draw(st.integers(1, 9)), lc=draw(layouts(2 if two_d else 1)),
+                with_indices=draw(st.booleans()) and (next_n == 1 or not two_d),
+                fault=fault)
+
+
+@contract(40)
+@given(case=metadata_cases())
+def test_deepgemm_metadata_keeps_the_contract(case, launches):
+    _check_metadata(case, launches)
+
+
+@pytest.mark.parametrize("fault", list(METADATA_FAULTS))
+@contract(3)
+@given(data=st.data())
+def test_deepgemm_metadata_refuses_by_name(fault, data, launches):
+    _check_metadata(data.draw(metadata_cases(fault)), launches)
+
+
+def _check_metadata(case, launches):
+    from flashmemory_triton import deepgemm as dg
+    lens = torch.tensor(case["lengths"], dtype=torch.int64).to(case["idtype"])
+    lens = lens.view(case["B"], case["next_n"]) if case["two_d"] else lens[:case["B"]]
+    indices = torch.zeros(lens.numel() if case["two_d"] else case["B"], dtype=torch.int32) \
+        if case["with_indices"] else None
+    canon = dict(context_lens=lens, block_kv=64, num_sms=case["num_sms"], indices=indices)
+    args = dict(canon, context_lens=relayout(lens, case["lc"]))
+    call = lambda a: dg.get_paged_mqa_logits_metadata(  # noqa: E731
+        a["context_lens"], a["block_kv"], a["num_sms"], a["indices"])
+    if case["fault"] is not None:
+        name, mutate = METADATA_FAULTS[case["fault"]]
+        mutate(args)
+        refused(lambda: call(args), [name], launches, snapshot(args["context_lens"]),
+                args["context_lens"])
+        return
+    state = snapshot(args["context_lens"])
+    got, want = call(args), call(canon)
+    assert got.dtype == torch.int32 and got.shape == (case["num_sms"] + 1, 2)
+    assert same(got, want), "the schedule of a relayout differs from the contiguous call's"
+    assert same(snapshot(args["context_lens"]), state)
