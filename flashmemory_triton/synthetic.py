@@ -195,6 +195,10 @@ def make_layer_states(hidden: int = C.HIDDEN_SIZE, rank: int = C.Q_LORA_RANK,
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if dtype not in _ALLOWED_DTYPES:
         raise TypeError(f"dtype must be one of {[str(d) for d in _ALLOWED_DTYPES]}, got {dtype}")
+    sizes = dict(hidden=hidden, rank=rank, n_heads=n_heads, head_dim=head_dim)
+    for what, shape in (("wq_a", (rank, hidden)), ("wq_b", (n_heads * head_dim, rank)),
+                        ("weights_proj", (n_heads, hidden))):  # float32 while drawn
+        V.addressable(what, shape, 4, **sizes)
     states: OrderedDict[str, dict] = OrderedDict()
     for layer in _layer_names(layers):
         params = _make_layer(hidden, rank, n_heads, head_dim, _layer_generator(seed, layer))

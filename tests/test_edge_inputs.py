@@ -335,7 +335,7 @@ def _absurd_size_cases():
     from flashmemory_triton import paged as P
     from flashmemory_triton.offload import ChunkHistory, OffloadEngine
     from flashmemory_triton.selection import ThresholdFallback
-    from flashmemory_triton.synthetic import mock_compressed_k, mock_hidden
+    from flashmemory_triton.synthetic import make_layer_states, mock_compressed_k, mock_hidden
     huge = 2 ** 62
     return {  # id: (call, the argument the refusal must name, with its value)
         "engine-batch": (lambda: OffloadEngine(huge, reserve_pages=1), "batch"),
@@ -354,6 +354,10 @@ def _absurd_size_cases():
             torch.ones(2, dtype=torch.int32), 64, huge), "num_sms"),
         "mock-hidden-batch": (lambda: mock_hidden(huge), "batch"),
         "mock-keys-n-chunks": (lambda: mock_compressed_k(2, huge), "n_chunks"),
+        "layer-states-hidden": (lambda: make_layer_states(hidden=huge, rank=4, n_heads=2),
+                                "hidden"),
+        "layer-states-n-heads": (lambda: make_layer_states(hidden=8, rank=4, n_heads=huge),
+                                 "n_heads"),
     }
 
 
