@@ -3,10 +3,10 @@
 
 The same kernel source and launch parameters allocate registers differently from one Triton
 release to the next (e.g. the per-layer-keys scorer at 128-chunk tiles and 8 warps on sm_90 fits
-in 255 registers with Triton 3.6.0 but spills 48 bytes a thread with 3.9.0). Every supported
-version is compiled by ``tests/test_compile.py`` with the parameters this table gives it, so a
-version outside ``[OLDEST, NEWEST]`` or in ``SPILLING`` is refused by ``pyproject.toml`` rather
-than guessed at.
+in 255 registers with Triton 3.6.0 but spills 48 bytes a thread with 3.9.0). Every table below
+has one explicit entry per supported minor release (``RELEASES``), each compiled spill-free by
+``tests/test_compile.py`` (measured with 3.6.0, 3.7.1, 3.8.0 and 3.9.0), so a release outside
+``[OLDEST, NEWEST]`` is refused by ``pyproject.toml`` rather than guessed at.
 
 Keyed by the parsed ``triton.__version__`` (major, minor), never by the GPU's name: the GPU
 enters only as the compute capability the launcher already uses.
@@ -18,13 +18,11 @@ import re
 
 import triton
 
-# Oldest and newest tested releases (pyproject.toml: triton>=3.6,<3.10). 3.6.0 is what torch
-# 2.11 pins on the H100/H200 machines; 3.9.0 is the newest, what a fresh CPU install gets.
-OLDEST, NEWEST = (3, 6), (3, 9)
-# Releases between them that spill with this table's parameters (tests/test_compile.py, run
-# under 3.7.0 and 3.8.0: 8-592 bytes a thread in the dense, paged and mqa kernels), so
-# pyproject.toml excludes them (!=3.7.*, !=3.8.*).
-SPILLING = ((3, 7), (3, 8))
+# Every supported minor release, oldest first (pyproject.toml: triton>=3.6,<3.10). 3.6.0 is what
+# torch 2.11 pins on the H100/H200 machines, 3.7.1 what torch 2.13 pins, 3.8 what torch 2.14
+# pins, 3.9.0 the newest (what a fresh CPU install gets).
+RELEASES = ((3, 6), (3, 7), (3, 8), (3, 9))
+OLDEST, NEWEST = RELEASES[0], RELEASES[-1]
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -39,39 +37,94 @@ def installed() -> tuple[int, int]:
     return parse_version(triton.__version__)
 
 
-def register_hungry(version: tuple[int, int] | None = None) -> bool:
-    """True from Triton 3.7 on: its register allocation of the scorers needs smaller tiles
-    where 3.6 fit (measured with 3.9.0: see ``DENSE_PER_LAYER_SM90``)."""
-    return (version or installed()) >= (3, 7)
+# Register use below is what the compile report (``python -m flashmemory_triton.kernels.aot
+# --report``) measured for the generic specialization (no pointer alignment), the hungriest.
 
+# v1 scorer (kernels/score.py) on sm_90, chunks per tile by key layout. 3.6 fits 128-chunk
+# tiles in both (255 registers). Shared keys: 3.7.1 and 3.8.0 spill 16-160 bytes a thread at
+# 128 chunks in bf16/tf32/fp8, 64 fit (bf16 205 / 167 registers); 3.9 fits 128. Per-layer keys
+# (the runtime layer loop): from 3.7 128 chunks spill 24-48 bytes, 64 fit (bf16 173 registers
+# with 3.7.1, 168 with 3.9.0).
+V1_SM90_BLOCK_N = {
+    (3, 6): dict(shared=128, per_layer=128),
+    (3, 7): dict(shared=64, per_layer=64),
+    (3, 8): dict(shared=64, per_layer=64),
+    (3, 9): dict(shared=128, per_layer=64),
+}
 
-# Dense scorer, per-layer keys, sm_90 (the runtime layer loop): 3.6 fits 128-chunk tiles (255
-# registers); from 3.7 those spill 32-48 bytes a thread in bf16/tf32/fp8, 64-chunk tiles at 8
-# warps fit (bf16 168 registers, fp8 157, tf32 192 with 3.9.0).
-DENSE_PER_LAYER_SM90 = {"3.6": dict(BLOCK_N=128), "3.7+": dict(BLOCK_N=64)}
+# v1 scorer before Hopper (sm_8x, 64-chunk tiles, 32-head blocks), warps by key layout.
+# Per-layer keys take 8 (4 spill 8-144 bytes with 3.6 and 3.9). Shared keys fit 4 warps except
+# with 3.8.0, where the sm_80 decode build spills 232 bytes a thread with 4 and fits 8 (255).
+V1_SM8X_WARPS = {
+    (3, 6): dict(shared=4, per_layer=8),
+    (3, 7): dict(shared=4, per_layer=8),
+    (3, 8): dict(shared=8, per_layer=8),
+    (3, 9): dict(shared=4, per_layer=8),
+}
 
+# Batched (paged) scorer, sm_90, paged bf16: heads per block by pool layout (128-chunk tiles,
+# 8 warps). One shared pool: 64-head blocks spill 48-72 bytes (3.6 and 3.9), 32 fit. Per-layer
+# pools fit 64 except with 3.7.1 (24 bytes a thread), where 32 fit.
+PAGED_SM90_BF16_BLOCK_H = {
+    (3, 6): dict(shared=32, per_layer=64),
+    (3, 7): dict(shared=32, per_layer=32),
+    (3, 8): dict(shared=32, per_layer=64),
+    (3, 9): dict(shared=32, per_layer=64),
+}
+
+# Batched scorer before Hopper (16-head blocks, 8 warps), chunks per tile by pool layout: 64,
+# except per-layer pools with 3.8.0 (sm_80 bf16 spills 16 bytes a thread at 64; 32 fit).
+PAGED_SM8X_BLOCK_N = {
+    (3, 6): dict(shared=64, per_layer=64),
+    (3, 7): dict(shared=64, per_layer=64),
+    (3, 8): dict(shared=64, per_layer=32),
+    (3, 9): dict(shared=64, per_layer=64),
+}
 
 # Dense scorer v2 (kernels/dense.py), sm_90: whether the next tile's keys are prefetched into
 # registers. With 3.9.0 the bf16 build needs 8 bytes of stack with the prefetch (255 registers)
-# and 251 registers without; fp8 fits either way (243).
-DENSE_V2_PREFETCH = {"3.6": {"bf16": True, "fp8": True}, "3.7+": {"bf16": False, "fp8": True}}
+# and 251 registers without; fp8 fits either way (243). 3.7 and 3.8 fit the 3.9 entries.
+DENSE_V2_PREFETCH = {
+    (3, 6): {"bf16": True, "fp8": True},
+    (3, 7): {"bf16": False, "fp8": True},
+    (3, 8): {"bf16": False, "fp8": True},
+    (3, 9): {"bf16": False, "fp8": True},
+}
 # ... and which epilogues it serves in bf16: from 3.7 the mean ensemble with per-layer logits
 # needs 8 bytes of stack even without the prefetch (255 registers with 3.9.0), so that
 # combination stays on v1 there ("max": max ensemble, no logits).
-DENSE_V2_BF16_EPILOGUES = {"3.6": ("max", "other"), "3.7+": ("max",)}
+DENSE_V2_BF16_EPILOGUES = {
+    (3, 6): ("max", "other"),
+    (3, 7): ("max",),
+    (3, 8): ("max",),
+    (3, 9): ("max",),
+}
+
+# DeepGEMM drop-in kernel (kernels/mqa_logits.py) without an e4m3 type (sm_80): whether its head
+# loop is a runtime loop, for the paged walk and for the non-paged (key ranges) walk, and the
+# warps of the ranges walk. Measured with kernels.aot at H = 128, all five specializations:
+# 3.6.0 unrolled spills 8-56 bytes (paged) and 376 (ranges); rolled, paged fits at 8 warps
+# (128-191 registers) and ranges at 4 warps (128). 3.7.1 unrolled spills 8-120 bytes; rolled,
+# all fit at 8 warps (120-202). 3.8.0 unrolled, paged fits at 8 warps (250-255) and ranges spill
+# 568-592 bytes; rolled, ranges fit at 8 warps (98-117) and paged 4-byte units spill 24 bytes.
+# 3.9.0 unrolled fits everything at 8 warps (183-255); rolled, paged 4-byte units spill 32 bytes.
+MQA_SM80 = {
+    (3, 6): dict(roll_paged=True, roll_ranges=True, ranges_warps=4),
+    (3, 7): dict(roll_paged=True, roll_ranges=True, ranges_warps=8),
+    (3, 8): dict(roll_paged=False, roll_ranges=True, ranges_warps=8),
+    (3, 9): dict(roll_paged=False, roll_ranges=False, ranges_warps=8),
+}
+
+TABLES = (V1_SM90_BLOCK_N, V1_SM8X_WARPS, PAGED_SM90_BF16_BLOCK_H, PAGED_SM8X_BLOCK_N,
+          DENSE_V2_PREFETCH, DENSE_V2_BF16_EPILOGUES, MQA_SM80)
 
 
 def pick(table: dict, version: tuple[int, int] | None = None):
-    """The entry of ``table`` for ``version`` (default: the installed Triton), copied."""
-    value = table["3.7+" if register_hungry(version) else "3.6"]
+    """The entry of ``table`` for ``version`` (default: the installed Triton), copied. A
+    release between or beyond the table's (a dev build, or run outside the declared range) gets
+    the newest entry not after it; one before the oldest, the oldest."""
+    version = version or installed()
+    older = [v for v in table if v <= version]
+    value = table[max(older) if older else min(table)]
     return dict(value) if isinstance(value, dict) else value
 
-
-# DeepGEMM drop-in kernel (kernels/mqa_logits.py) without an e4m3 type (sm_80): whether its head
-# loop is a runtime loop, and the warps of the non-paged (key ranges) walk. Measured with
-# kernels.aot at H = 128, all five specializations: 3.6.0 unrolled spills 8-56 bytes (paged)
-# and 376 (ranges); rolled, paged fits at 8 warps (128-191 registers) and ranges at 4 warps
-# (128). 3.9.0 unrolled fits everything at 8 warps (183-255); rolled, paged 4-byte units spill
-# 32 bytes.
-MQA_SM80 = {"3.6": dict(roll_heads=True, ranges_warps=4),
-            "3.7+": dict(roll_heads=False, ranges_warps=8)}

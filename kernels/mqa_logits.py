@@ -302,18 +302,20 @@ def mqa_logits_kernel(
 
 # --- host side ---------------------------------------------------------------------------------
 def mqa_launch_config(width: int, H_pad: int, capability: tuple[int, int] | None,
-                      paged: bool = True) -> dict:
+                      paged: bool = True,
+                      triton_version: tuple[int, int] | None = None) -> dict:
     """The batched scorer's fp8 paged configuration (the same tile: one key tile, an e4m3 dot
     per head block, a register reduction); paged walks the schedule in 64-key blocks (one
     page: the schedule's unit)."""
-    cfg = batched_launch_config(width, H_pad, "fp8", capability, paged=True)
+    cfg = batched_launch_config(width, H_pad, "fp8", capability, paged=True,
+                                triton_version=triton_version)
     if paged:
         cfg["BLOCK_N"] = C.PAGE_CHUNKS
     # The interpreter rolls (the less trivial control flow is the one the CPU tests run).
     cfg["ROLL_HEADS"] = capability is None
     if capability is not None and capability < _device.HW_FP8_CAPABILITY:
-        sm80 = configs.pick(configs.MQA_SM80)
-        cfg["ROLL_HEADS"] = sm80["roll_heads"]
+        sm80 = configs.pick(configs.MQA_SM80, triton_version)
+        cfg["ROLL_HEADS"] = sm80["roll_paged" if paged else "roll_ranges"]
         if not paged:
             cfg["num_warps"] = sm80["ranges_warps"]
     return cfg

@@ -55,6 +55,7 @@ from flashmemory_triton import constants as C
 from flashmemory_triton.paged import PAGED_LAYER_UNIT, VARLEN_LAYER_UNIT, KeyBuffers  # noqa: F401
 from flashmemory_triton.utils import _device
 
+from . import configs
 from ._alloc import alloc_output
 from .score import _ensemble_init, _layer_into_ensemble, _load_key_tile_at, launch_config
 
@@ -244,30 +245,34 @@ def batched_score_kernel(
 # --- host side ---------------------------------------------------------------------------------
 def batched_launch_config(max_chunks: int, H_pad: int, precision: str,
                           capability: tuple[int, int] | None, paged: bool = True,
-                          shared: bool = True) -> dict:
+                          shared: bool = True,
+                          triton_version: tuple[int, int] | None = None) -> dict:
     """Launch parameters, chosen from the compiled resource usage (every GPU default is
     spill-free: ``python -m flashmemory_triton.kernels.aot``, enforced by
     ``tests/test_compile.py``; the exact fp32 mode excepted, as for the row-format scorer).
 
     Always ``num_stages=1``: the tile loop is the persistent outer loop, and software-
     pipelining it keeps a second tile's operands in shared memory (400 KB for tf32 on sm_90,
-    over the limit) and registers (spills). sm_90: paged bf16/fp8 use the row-format scorer's
-    128-chunk tiles (16-byte loads of the 128-byte fp8 rows keep the address registers low);
+    over the limit) and registers (spills). sm_90: paged bf16/fp8 take 128-chunk tiles, 8 warps
+    (16-byte loads of the 128-byte fp8 rows keep the address registers low), 64-head blocks
+    (paged bf16: by Triton release and pool layout, ``configs.PAGED_SM90_BF16_BLOCK_H``);
     tf32/fp32 (fp32 key tiles) and varlen rows (4-byte loads of 132-byte rows) take 64-chunk
-    tiles, 64-head blocks, 8 warps. Before Hopper: 64-chunk tiles, 16-head blocks, 8 warps
-    (4 warps, or 32-head blocks with 128 requests, spill with per-layer pools on sm_80).
-    Paged bf16 with one shared pool takes 32-head blocks on sm_90. Interpreter:
-    ``score.launch_config``."""
-    cfg = {**launch_config(max_chunks, H_pad, precision, capability), "num_stages": 1}
+    tiles, 64-head blocks, 8 warps. Before Hopper: 16-head blocks, 8 warps (4 warps, or
+    32-head blocks with 128 requests, spill with per-layer pools on sm_80), 64-chunk tiles
+    (by release and pool layout, ``configs.PAGED_SM8X_BLOCK_N``). Interpreter:
+    ``score.launch_config``. ``triton_version`` defaults to the installed one."""
     if capability is None:
-        return cfg
+        return {**launch_config(max_chunks, H_pad, precision, capability), "num_stages": 1}
+    layout = "shared" if shared else "per_layer"
     if capability < (9, 0):
-        cfg.update(BLOCK_N=64, BLOCK_H=min(H_pad, 16), num_warps=8)
-    elif not (paged and precision in ("bf16", "fp8")):
-        cfg.update(BLOCK_N=64, BLOCK_H=min(H_pad, 64), num_warps=8)
-    elif precision == "bf16" and shared:
-        cfg.update(BLOCK_H=min(H_pad, 32))  # 64-head blocks spill 48-72 bytes (3.6 and 3.9)
-    return cfg
+        block_n = configs.pick(configs.PAGED_SM8X_BLOCK_N, triton_version)[layout]
+        return dict(BLOCK_N=block_n, BLOCK_H=min(H_pad, 16), num_warps=8, num_stages=1)
+    if not (paged and precision in ("bf16", "fp8")):
+        return dict(BLOCK_N=64, BLOCK_H=min(H_pad, 64), num_warps=8, num_stages=1)
+    block_h = 64
+    if precision == "bf16":
+        block_h = configs.pick(configs.PAGED_SM90_BF16_BLOCK_H, triton_version)[layout]
+    return dict(BLOCK_N=128, BLOCK_H=min(H_pad, block_h), num_warps=8, num_stages=1)
 
 
 def _num_programs(device: torch.device, work_items: int) -> int:

@@ -230,26 +230,24 @@ def launch_config(N: int, H_pad: int, precision: str,
     ``tests/test_compile.py`` enforces; version-dependent entries live in ``kernels.configs``):
     * sm_90: 128-chunk tiles, 8 warps, heads in blocks of 64 (a [128, 64] fp32 accumulator,
       32 registers a thread; 187-255 registers in all); tf32/fp32 hold an fp32 key tile, twice
-      the operand registers, so their heads go in blocks of 32. Per-layer keys (``shared``
-      False): from Triton 3.7 on, 64-chunk tiles.
+      the operand registers, so their heads go in blocks of 32. Chunks per tile by Triton
+      release and key layout: ``configs.V1_SM90_BLOCK_N`` (64 where 128 spills).
     * before Hopper (sm_8x: mma.sync, and on sm_80 the integer e4m3 decode): 64-chunk tiles,
-      4 warps (8 with per-layer keys), heads in blocks of 32; 128-chunk tiles or 64-head
-      blocks spill there.
+      heads in blocks of 32 (128-chunk tiles or 64-head blocks spill there), 4 or 8 warps by
+      release and key layout (``configs.V1_SM8X_WARPS``).
     ``capability`` None means the interpreter: the largest tile that fits N (each program is a
     numpy step; fewer is faster). ``triton_version`` defaults to the installed one.
     """
     if capability is None:
         return dict(BLOCK_N=min(128, max(16, triton.next_power_of_2(max(N, 1)))),
                     BLOCK_H=min(H_pad, 128), num_warps=4, num_stages=1)
+    layout = "shared" if shared else "per_layer"
     if capability < (9, 0):
-        # per-layer keys: 8 warps (4 spill 8-144 bytes a thread with Triton 3.6 and 3.9)
-        return dict(BLOCK_N=64, BLOCK_H=min(H_pad, 32), num_warps=4 if shared else 8,
-                    num_stages=2)
+        warps = configs.pick(configs.V1_SM8X_WARPS, triton_version)[layout]
+        return dict(BLOCK_N=64, BLOCK_H=min(H_pad, 32), num_warps=warps, num_stages=2)
     block_h = 32 if precision in ("tf32", "fp32") else 64
-    cfg = dict(BLOCK_N=128, BLOCK_H=min(H_pad, block_h), num_warps=8, num_stages=2)
-    if not shared:
-        cfg.update(configs.pick(configs.DENSE_PER_LAYER_SM90, triton_version))
-    return cfg
+    block_n = configs.pick(configs.V1_SM90_BLOCK_N, triton_version)[layout]
+    return dict(BLOCK_N=block_n, BLOCK_H=min(H_pad, block_h), num_warps=8, num_stages=2)
 
 
 def autotune_configs():

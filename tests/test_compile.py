@@ -199,9 +199,12 @@ def test_report_records(compiled):
             continue
         tag = f"{r['kernel']}/{r['version']}/{r['target']}/{r['precision']}/{r['keys']}"
         # sm_90 exactly; with mma.sync a warp tile smaller than the instruction (8 warps on a
-        # 64-row tile: 8-row warps, 16-row HMMA) repeats work: at least the tile, at most 2x.
+        # 64-row tile: 8-row warps, 16-row HMMA) repeats work: at least the tile, at most 2x,
+        # or 16 / (rows a warp) where the tile is shorter still (32-chunk tiles at 8 warps:
+        # 4x, configs.PAGED_SM8X_BLOCK_N with Triton 3.8).
         ratio = r["mma_flops_per_tile"] / r["flops_per_tile"]
-        assert ratio == 1 if r["target"] == "sm_90" else 1 <= ratio <= 2, (tag, ratio)
+        most = max(2, 16 * r["warps"] // r["block_n"])
+        assert ratio == 1 if r["target"] == "sm_90" else 1 <= ratio <= most, (tag, ratio)
         assert 0 < r["issue_bound"] <= 1, tag
 
 

@@ -2,9 +2,9 @@
 compile report (``kernels.sass``), without compiling anything: fast, no GPU, no ptxas.
 
 The compiled side (every supported Triton builds these parameters spill-free) is
-``tests/test_compile.py``; here: the table is what the launchers and ``kernels.aot`` read, and
-the declared version range matches the tested ends, and the report's loop counting finds and
-weighs the right instructions.
+``tests/test_compile.py``; here: the table is what the launchers and ``kernels.aot`` read, the
+declared version range holds exactly the releases the table has entries for, and the report's
+loop counting finds and weighs the right instructions.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import pytest
 
 from flashmemory_triton.kernels import configs, sass
+from flashmemory_triton.kernels.mqa_logits import mqa_launch_config
 from flashmemory_triton.kernels.paged import batched_launch_config
 from flashmemory_triton.kernels.score import launch_config
 
@@ -33,44 +34,82 @@ def test_parse_version_rejects_garbage():
 
 
 def test_installed_triton_is_in_the_declared_range():
-    """pyproject's range is exactly [oldest tested, next minor after the newest tested)."""
+    """pyproject's range is exactly [oldest tested, next minor after the newest tested), with
+    no release excluded: every minor release in it has its own entries (``RELEASES``)."""
+    from packaging.specifiers import SpecifierSet
     text = (ROOT / "pyproject.toml").read_text()
     m = re.search(r'"triton>=(\d+)\.(\d+),<(\d+)\.(\d+)', text)
     assert m, "pyproject.toml declares no triton range"
     lo, hi = (int(m.group(1)), int(m.group(2))), (int(m.group(3)), int(m.group(4)))
     assert lo == configs.OLDEST and hi == (configs.NEWEST[0], configs.NEWEST[1] + 1)
     assert configs.OLDEST <= configs.installed() <= configs.NEWEST
-
-
-def test_declared_range_holds_only_spill_free_releases():
-    """Every release pyproject admits compiles spill-free (tests/test_compile.py): 3.7.0 and
-    3.8.0 spill 8-592 bytes a thread with the table's parameters, so they are excluded."""
-    from packaging.specifiers import SpecifierSet
-    text = (ROOT / "pyproject.toml").read_text()
     spec = SpecifierSet(re.search(r'"triton([^;"]*)', text).group(1))
-    admitted = {(3, minor) for minor in range(0, 12) if f"3.{minor}.0" in spec}
-    assert admitted == {(3, m) for m in range(configs.OLDEST[1], configs.NEWEST[1] + 1)} - \
-        set(configs.SPILLING)
-    assert {(3, 7), (3, 8)} <= set(configs.SPILLING)
+    admitted = {(3, minor) for minor in range(0, 12)
+                if f"3.{minor}.0" in spec and f"3.{minor}.1" in spec}
+    assert admitted == set(configs.RELEASES)
+    assert configs.RELEASES == tuple((3, m) for m in range(lo[1], hi[1]))
 
 
-def test_launch_parameters_follow_the_version_table():
-    old, new = configs.OLDEST, configs.NEWEST
+def test_every_table_has_one_entry_per_release():
+    for table in configs.TABLES:
+        assert tuple(table) == configs.RELEASES
+
+
+def test_pick():
+    table = {(3, 6): dict(a=1), (3, 7): dict(a=2), (3, 9): dict(a=3)}
+    assert configs.pick(table, (3, 7)) == dict(a=2)
+    assert configs.pick(table, (3, 8)) == dict(a=2)   # between entries: the newest not after
+    assert configs.pick(table, (3, 12)) == dict(a=3)  # beyond: the newest
+    assert configs.pick(table, (3, 2)) == dict(a=1)   # before: the oldest
+    configs.pick(table, (3, 6))["a"] = 9              # a copy: the table is not changed
+    assert table[(3, 6)] == dict(a=1)
+    assert configs.pick(configs.V1_SM90_BLOCK_N) == \
+        configs.V1_SM90_BLOCK_N[configs.installed()]
+
+
+@pytest.mark.parametrize("version", configs.RELEASES)
+def test_launch_parameters_follow_the_version_table(version):
     sm90, sm80 = (9, 0), (8, 0)
-    # shared keys: the same everywhere
-    assert launch_config(1 << 20, 128, "bf16", sm90, True, old) == \
-        launch_config(1 << 20, 128, "bf16", sm90, True, new)
-    # per-layer keys: the table's entries
-    assert launch_config(1 << 20, 128, "bf16", sm90, False, old)["BLOCK_N"] == 128
-    assert launch_config(1 << 20, 128, "bf16", sm90, False, new)["BLOCK_N"] == 64
-    assert launch_config(1 << 20, 128, "fp8", sm80, False, old)["num_warps"] == 8
-    assert launch_config(1 << 20, 128, "fp8", sm80, True, new)["num_warps"] == 4
-    # the launcher's default is the installed version's entry
-    assert launch_config(1 << 20, 128, "bf16", sm90, False) == \
-        launch_config(1 << 20, 128, "bf16", sm90, False, configs.installed())
-    # the batched scorer: paged bf16 with a shared pool in 32-head blocks
-    assert batched_launch_config(1 << 20, 128, "bf16", sm90, True, True)["BLOCK_H"] == 32
-    assert batched_launch_config(1 << 20, 128, "bf16", sm90, True, False)["BLOCK_H"] == 64
+    for shared, layout in ((True, "shared"), (False, "per_layer")):
+        cfg = launch_config(1 << 20, 128, "bf16", sm90, shared, version)
+        assert cfg["BLOCK_N"] == configs.V1_SM90_BLOCK_N[version][layout]
+        assert cfg["BLOCK_H"] == 64 and cfg["num_warps"] == 8
+        assert launch_config(1 << 20, 128, "tf32", sm90, shared, version)["BLOCK_H"] == 32
+        cfg = launch_config(1 << 20, 128, "fp8", sm80, shared, version)
+        assert cfg["num_warps"] == configs.V1_SM8X_WARPS[version][layout]
+        assert (cfg["BLOCK_N"], cfg["BLOCK_H"]) == (64, 32)
+        # the batched scorer
+        cfg = batched_launch_config(1 << 20, 128, "bf16", sm90, True, shared, version)
+        assert cfg["BLOCK_H"] == configs.PAGED_SM90_BF16_BLOCK_H[version][layout]
+        assert cfg["BLOCK_N"] == 128 and cfg["num_stages"] == 1
+        cfg = batched_launch_config(1 << 20, 128, "fp8", sm90, True, shared, version)
+        assert (cfg["BLOCK_N"], cfg["BLOCK_H"]) == (128, 64)
+        cfg = batched_launch_config(1 << 20, 128, "bf16", sm80, True, shared, version)
+        assert cfg["BLOCK_N"] == configs.PAGED_SM8X_BLOCK_N[version][layout]
+        assert (cfg["BLOCK_H"], cfg["num_warps"]) == (16, 8)
+        # the DeepGEMM drop-in on sm_80 (no e4m3 type): head loop and ranges warps
+        paged = layout == "shared"
+        cfg = mqa_launch_config(1 << 20, 128, sm80, paged, version)
+        entry = configs.MQA_SM80[version]
+        assert cfg["ROLL_HEADS"] == entry["roll_paged" if paged else "roll_ranges"]
+        assert cfg["num_warps"] == (8 if paged else entry["ranges_warps"])
+        assert not mqa_launch_config(1 << 20, 128, sm90, paged, version)["ROLL_HEADS"]
+    # the ends of the range, as measured (3.6 fits 128-chunk per-layer tiles, 3.9 does not)
+    assert launch_config(1 << 20, 128, "bf16", sm90, False, configs.OLDEST)["BLOCK_N"] == 128
+    assert launch_config(1 << 20, 128, "bf16", sm90, False, configs.NEWEST)["BLOCK_N"] == 64
+
+
+def test_launchers_default_to_the_installed_release():
+    sm90, sm80 = (9, 0), (8, 0)
+    here = configs.installed()
+    for shared in (True, False):
+        for cap in (sm90, sm80):
+            assert launch_config(1 << 20, 128, "bf16", cap, shared) == \
+                launch_config(1 << 20, 128, "bf16", cap, shared, here)
+            assert batched_launch_config(1 << 20, 128, "bf16", cap, True, shared) == \
+                batched_launch_config(1 << 20, 128, "bf16", cap, True, shared, here)
+            assert mqa_launch_config(1 << 20, 128, cap, shared) == \
+                mqa_launch_config(1 << 20, 128, cap, shared, here)
 
 
 def test_dense_v2_table():
