@@ -17,8 +17,10 @@ release, ours, ...: a shared machine's load hits both alike), medians reported. 
   sum over every weight), and our time over it.
 
 Timings on a shared machine are noisy: compare ratios from one run, not times across runs. On a
-loaded machine, ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at barriers instead of spinning)
-takes out most of the noise from other processes' spinning threads.
+loaded machine the release's algorithm (many large ops on torch's thread pool) depends on the
+OpenMP wait policy: ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at barriers instead of spinning)
+takes out most of the noise from other processes. The CPU path's scorer runs on serial workers
+(no barriers) and depends on it much less.
 """
 
 from __future__ import annotations
@@ -236,7 +238,8 @@ def environment() -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_count": os.cpu_count(), "load_average": load,
             # Spinning (the default) or sleeping threads at barriers: on a loaded machine this
-            # changes every many-op path's time several-fold (see cpu_path.DEFAULT_BLOCK_CHUNKS).
+            # changes every many-op path's time several-fold (the release's; the CPU path's
+            # blocks run on serial workers without barriers, see cpu_workers).
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}
 
 

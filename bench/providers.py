@@ -83,9 +83,12 @@ def _torch_fast_bytes(shape, dims, precision) -> int:
 
 def _cpu_bytes(shape, dims, precision) -> int:
     from flashmemory_triton.cpu_path import DEFAULT_BLOCK_CHUNKS, workspace_bytes
-    buffers = dims.n_layers if shape.per_layer else 1  # scales and mask: 5 bytes a chunk each
-    return (workspace_bytes(DEFAULT_BLOCK_CHUNKS, dims.n_layers * dims.heads)
-            + buffers * shape.batch * shape.n * 5 + _outputs(shape, dims))
+    from flashmemory_triton.cpu_workers import worker_count
+    # per worker: the block workspace, and the block's scales and mask (5 bytes a chunk each)
+    buffers = dims.n_layers if shape.per_layer else 1
+    per_worker = (workspace_bytes(DEFAULT_BLOCK_CHUNKS, dims.n_layers * dims.heads)
+                  + buffers * DEFAULT_BLOCK_CHUNKS * 5)
+    return worker_count() * per_worker + _outputs(shape, dims)
 
 
 def _triton_bytes(shape, dims, precision) -> int:

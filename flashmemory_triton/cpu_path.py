@@ -13,7 +13,9 @@ the two summation orders; relu is 1-Lipschitz): relative to the sum of absolute 
 1.5e-5 at D = H = 128, and in practice a few 1e-7 of the largest logit.
 ``tests/test_cpu_path.py`` checks it. The query side is the reference's own code (bf16/fp16
 weights: the same fp32 arithmetic on weights upcast 256 rows at a time, :func:`query_side`), so
-q and w are the reference's bits.
+q and w are the reference's bits (for bf16/fp16 weights, at the batch sizes the tests check:
+at larger batches the BLAS may sum a block's dot products in another order than the whole
+GEMM's, an ulp before q's own bf16 rounding).
 
 Why it is fast (the reference, like the release, dequantizes the whole key tensor and
 materializes fp32 ``[B, N, H]`` products once per layer):
@@ -25,13 +27,15 @@ materializes fp32 ``[B, N, H]`` products once per layer):
 * one fp32 GEMM per block for every layer and head that reads those keys: ``[L*H, D] x [D, n]``
   with shared keys, ``[H, D] x [D, n]`` per layer otherwise;
 * relu in place, then the head-weighted sum as a batched ``[1, H] x [H, n]`` product per layer;
-* the block (``block_chunks`` chunks, about 2.3 KB each) stays in the last-level cache, and
-  every temporary is one of a few buffers reused across blocks, so memory beyond the outputs is
-  bounded whatever N and B: scores ``[B, N]`` (and ``[L, B, N]`` logits when asked for), 5 bytes a
-  chunk per key buffer for the scales and the non-finite mask, plus
-  :func:`workspace_bytes` (``block_chunks * (6 D + 4 L H)``, 19 MB at the default);
-* the non-finite check reads each key buffer once (:func:`chunk_masks`), not once per layer;
-* every torch op runs on torch's intra-op thread pool (``torch.get_num_threads()``).
+* the block (``block_chunks`` chunks, about 2.3 KB each) stays in the core's own cache, and
+  every temporary is one of a few buffers a worker reuses across its blocks, so memory beyond
+  the outputs is bounded whatever N and B: scores ``[B, N]`` (and ``[L, B, N]`` logits when
+  asked for) plus, per worker, :func:`workspace_bytes` (``block_chunks * (6 D + 4 L H)``, 4.7 MB
+  at the default) and the block's scales and non-finite mask;
+* the non-finite check reads each block once (:func:`chunk_masks`), not once per layer;
+* the blocks are shared out to ``torch.get_num_threads()`` serial workers
+  (:mod:`cpu_workers`): each block runs on one thread, so no op waits at a thread-pool barrier
+  (on a machine shared with other processes, barriers cost more than the work).
 
 NaN policy as the reference (:func:`reference.pin_nonfinite`): a chunk with an e4m3 NaN byte or
 a NaN, infinite or overflowing scale has a NaN logit in every layer that reads it, and so has a
@@ -46,19 +50,18 @@ import torch
 
 from . import _validate as V
 from . import constants as C
+from . import cpu_workers
 from . import reference as ref
 
 __all__ = ["DEFAULT_BLOCK_CHUNKS", "score_prepared_cpu", "query_side", "chunk_masks",
            "decode_block", "decode_keys", "workspace_bytes"]
 
-# Chunks per block: the block's temporaries (about 2.3 KB a chunk at L*H = 384, 19 MB a block)
-# stay in the last-level cache. Every op is one barrier of torch's thread pool, about 10 a block;
-# on a loaded machine (OpenMP threads spinning at barriers, descheduled) a barrier costs
-# milliseconds, so fewer, larger blocks win there: measured on the project's 2-core Xeon under
-# load, N = 65536, 2048 / 4096 / 8192 / 16384 chunks took 6.1 / 3.2 / 1.8 / 1.5 s with the
-# default OpenMP wait policy and 0.29 / 0.26 / 0.25 / 0.27 s with OMP_WAIT_POLICY=PASSIVE; at
-# B = 8, N = 262144 16384-chunk blocks (38 MB) ran about 2x slower than 4096 in one run.
-DEFAULT_BLOCK_CHUNKS = 8192
+# Chunks per block, one worker's unit of work: the temporaries (about 2.3 KB a chunk at
+# L*H = 384, 4.7 MB at 2048) stay near the core (2 MB L2 a core on the project's Xeon), and a
+# block is enough work (about 0.2 GFLOP) that the ten-odd op dispatches a block cost in Python are
+# a few percent. Measured there (N = 65536, B = 1, scorer alone, interleaved, other jobs
+# running): 512 / 1024 / 2048 / 4096 / 8192 chunks took 274 / 231 / 218 / 237 / 251 ms.
+DEFAULT_BLOCK_CHUNKS = 2048
 
 # e4m3 byte b shifted into the HIGH byte of an int16, shifted right by one (arithmetic, which
 # copies the sign into bit 14) and masked with 0xBF80 (clearing it again) is the float16 with
@@ -166,48 +169,54 @@ def score_prepared_cpu(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Ten
     scores = torch.empty(B, N, dtype=torch.float32, device=device)
     logits = torch.empty(L, B, N, dtype=torch.float32, device=device) if return_logits else None
     buffers = [compressed_k] if shared else list(compressed_k)
-    masks = [chunk_masks(kb) for kb in buffers]  # once per key buffer: [B, N] each
     rows = L * H if shared else H  # dot-product rows of one GEMM
     block = min(block_chunks, max(N, 1))
-    ws = _Workspace(block, D, rows, device)
-    block_logits = torch.empty(L, block, dtype=torch.float32, device=device)
-    block_sigmoid = torch.empty(L, block, dtype=torch.float32, device=device)
+    blocks_per_row = -(-N // block)
+    # Shared keys: every layer's heads in one GEMM. Per layer: one GEMM per layer.
+    groups = [[(q32[:, b].reshape(L * H, D), w32[:, b].reshape(L, 1, H), 0)] if shared
+              else [(q32[l, b], w32[l, b].reshape(1, 1, H), l) for l in range(L)]
+              for b in range(B)]
     # reference.ensemble_scores' reductions, written straight into the scores
     reduce = torch.amax if ensemble == "max" else torch.mean
-    for b in range(B):
-        # Shared keys: every layer's heads in one GEMM. Per layer: one GEMM per layer.
-        groups = ([(q32[:, b].reshape(L * H, D), w32[:, b].reshape(L, 1, H), 0)] if shared
-                  else [(q32[l, b], w32[l, b].reshape(1, 1, H), l) for l in range(L)])
-        for n0 in range(0, N, block):
-            n1 = min(N, n0 + block)
-            m = n1 - n0
-            out = block_logits[:, :m]
-            for qg, wg, g in groups:
-                keys = decode_block(buffers[g][b, n0:n1], masks[g][0][b, n0:n1], ws)
-                dots = ws.dots[:qg.shape[0] * m].view(qg.shape[0], m)
-                torch.mm(qg, keys.t(), out=dots)
-                dots.relu_()
-                # [layers, 1, H] x [layers, H, m]: the head-weighted sum, written in place.
-                torch.bmm(wg, dots.view(wg.shape[0], H, m),
-                          out=out[g:g + wg.shape[0]].view(wg.shape[0], 1, m))
-            if logit_offset != 0.0:
-                out.add_(logit_offset)
-            # reference.pin_nonfinite: an overflowed (+-inf) logit is NaN, in one op: x + 0 * x
-            # is x for every finite x (signed zeros included) and NaN for +-inf. (Masked chunks
-            # are pinned once at the end.)
-            out.add_(out, alpha=0.0)
-            if logits is not None:
-                logits[:, b, n0:n1] = out
-            sig = torch.sigmoid(out, out=block_sigmoid[:, :m])
-            reduce(sig, dim=0, out=scores[b, n0:n1])
-    # The masked chunks: NaN in every layer that reads them (so NaN scores).
-    bad_any = masks[0][1] if shared else torch.stack([mk[1] for mk in masks]).any(0)
-    scores.masked_fill_(bad_any, float("nan"))
-    if logits is not None:
-        if shared:
-            logits.masked_fill_(bad_any[None], float("nan"))
-        else:
-            logits.masked_fill_(torch.stack([mk[1] for mk in masks]), float("nan"))
+
+    def score_block(item: int, state: dict) -> None:
+        """Block ``item`` (row-major over ``[B, blocks_per_row]``): its scores and logits,
+        masked chunks included. ``state``: this worker's buffers, made on its first block."""
+        if not state:
+            state["ws"] = _Workspace(block, D, rows, device)
+            state["out"] = torch.empty(L, block, dtype=torch.float32, device=device)
+            state["sig"] = torch.empty(L, block, dtype=torch.float32, device=device)
+        ws = state["ws"]
+        b, n0 = divmod(item, blocks_per_row)
+        n0 *= block
+        n1 = min(N, n0 + block)
+        m = n1 - n0
+        out = state["out"][:, :m]
+        bad_layers = []
+        for qg, wg, g in groups[b]:
+            scale256, bad = chunk_masks(buffers[g][b, n0:n1])
+            bad_layers.append(bad)
+            keys = decode_block(buffers[g][b, n0:n1], scale256, ws)
+            dots = ws.dots[:qg.shape[0] * m].view(qg.shape[0], m)
+            torch.mm(qg, keys.t(), out=dots)
+            dots.relu_()
+            # [layers, 1, H] x [layers, H, m]: the head-weighted sum, written in place.
+            torch.bmm(wg, dots.view(wg.shape[0], H, m),
+                      out=out[g:g + wg.shape[0]].view(wg.shape[0], 1, m))
+        if logit_offset != 0.0:
+            out.add_(logit_offset)
+        # reference.pin_nonfinite: an overflowed (+-inf) logit is NaN, in one op: x + 0 * x is
+        # x for every finite x (signed zeros included) and NaN for +-inf.
+        out.add_(out, alpha=0.0)
+        # The masked chunks: NaN in every layer that reads them (so NaN scores).
+        bad_l = torch.stack(bad_layers) if not shared else bad_layers[0][None]
+        out.masked_fill_(bad_l, float("nan"))
+        if logits is not None:
+            logits[:, b, n0:n1] = out
+        sig = torch.sigmoid(out, out=state["sig"][:, :m])
+        reduce(sig, dim=0, out=scores[b, n0:n1])
+
+    cpu_workers.run_items(score_block, B * blocks_per_row if N else 0)
     return scores, logits
 
 
@@ -218,19 +227,26 @@ UPCAST_ROWS = 256  # weight rows upcast to fp32 at a time: 4 MB of fp32 at hidde
 def _matmul_upcast(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.float().T`` for fp32 ``x [B, K]``, with ``weight [R, K]`` upcast
     ``UPCAST_ROWS`` rows at a time (cache-sized) instead of as a whole: a bf16 weight is read
-    once at 2 bytes an element, and no full fp32 copy is ever made. Each output element is the
-    same K-term fp32 dot product as in the single GEMM (the split is over output columns;
-    ``tests/test_cpu_path.py`` checks the bits against the reference)."""
+    once at 2 bytes an element, and no full fp32 copy is ever made. The row blocks run on the
+    serial workers (:mod:`cpu_workers`: two ops a block, no thread-pool barrier). Each output
+    element is the same K-term fp32 dot product as in the single GEMM (the split is over output
+    columns; ``tests/test_cpu_path.py`` checks the bits against the reference)."""
     if weight.dtype == torch.float32:
         return x @ weight.T
     R, K = weight.shape
     out = torch.empty(x.shape[0], R, dtype=torch.float32, device=x.device)
-    # One reused fp32 buffer: a fresh .float() per block costs more than the GEMV itself.
-    buf = torch.empty(min(UPCAST_ROWS, R), K, dtype=torch.float32, device=x.device)
-    for r0 in range(0, R, UPCAST_ROWS):
-        block = buf[:min(UPCAST_ROWS, R - r0)]
-        block.copy_(weight[r0:r0 + UPCAST_ROWS])
-        out[:, r0:r0 + block.shape[0]] = x @ block.T
+
+    def block(i: int, state: dict) -> None:
+        r0 = i * UPCAST_ROWS
+        r1 = min(R, r0 + UPCAST_ROWS)
+        if not state:  # one reused fp32 buffer a worker: a fresh .float() costs more
+            state["buf"] = torch.empty(min(UPCAST_ROWS, R), K, dtype=torch.float32,
+                                       device=x.device)
+        rows = state["buf"][:r1 - r0]
+        rows.copy_(weight[r0:r1])
+        out[:, r0:r1] = x @ rows.T
+
+    cpu_workers.run_items(block, -(-R // UPCAST_ROWS))
     return out
 
 
