@@ -90,6 +90,12 @@ DENSE_V2_PREFETCH = {
     (3, 8): {"bf16": False, "fp8": True},
     (3, 9): {"bf16": False, "fp8": True},
 }
+# ... and whether each thread's head sum is written as one explicit FMA chain (split out of
+# the accumulator layout): 3.9 reduces ``tl.sum`` within a thread as a tree, a multiply and an
+# add per head (fp8 565 -> 520 instructions a tile with the chain); 3.6 already reduces it as a
+# chain, and there the explicit form makes ptxas branch around the predicated stores of the
+# cross-warp exchange (fp8 505 -> 513).
+DENSE_V2_HEAD_SUM_CHAIN = {(3, 6): False, (3, 7): True, (3, 8): True, (3, 9): True}
 # ... and which epilogues it serves in bf16: from 3.7 the mean ensemble with per-layer logits
 # needs 8 bytes of stack even without the prefetch (255 registers with 3.9.0), so that
 # combination stays on v1 there ("max": max ensemble, no logits).
@@ -116,7 +122,7 @@ MQA_SM80 = {
 }
 
 TABLES = (V1_SM90_BLOCK_N, V1_SM8X_WARPS, PAGED_SM90_BF16_BLOCK_H, PAGED_SM8X_BLOCK_N,
-          DENSE_V2_PREFETCH, DENSE_V2_BF16_EPILOGUES, MQA_SM80)
+          DENSE_V2_PREFETCH, DENSE_V2_HEAD_SUM_CHAIN, DENSE_V2_BF16_EPILOGUES, MQA_SM80)
 
 
 def pick(table: dict, version: tuple[int, int] | None = None):

@@ -41,6 +41,11 @@ from .score import _ensemble_add, _ensemble_init, key_views
 
 _MAX_KEY_SCALE = tl.constexpr(C.MAX_KEY_SCALE)  # scales past it overflow on dequant: NaN chunk
 
+# How each thread sums its heads (``configs.DENSE_V2_HEAD_SUM_CHAIN``): one explicit FMA chain,
+# where the installed Triton would otherwise reduce them as a tree (a multiply and an add per
+# head instead of one FMA)
+_HEAD_SUM_CHAIN = tl.constexpr(configs.pick(configs.DENSE_V2_HEAD_SUM_CHAIN))
+
 PRECISIONS = ("bf16", "fp8")  # v2's modes; tf32/fp32 (debug, fp32 key tiles) stay on v1
 
 
@@ -81,7 +86,8 @@ def _load_tile(kw_ptr, kf_ptr, row_words, rows, nmask, D: tl.constexpr, MASKED: 
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))  # as score._ensemble_add
+    # div.full (2 ulp, not IEEE division's range fix-ups): far inside every mode's tolerance
+    return tl.fdiv(1.0, 1.0 + tl.exp(-x))
 
 
 @triton.jit
@@ -97,9 +103,10 @@ def _tile_operand(kw, scale, D: tl.constexpr, PRECISION: tl.constexpr, HW_FP8: t
     plus 1 carry into bit 7, which no other byte's sum reaches."""
     # 0x80808080 where the scale is negative: its sign bit, arithmetic-shifted over the word
     kw = kw ^ ((scale.to(tl.int32, bitcast=True) >> 31) & -2139062144)[:, None]
-    nan = ((kw & 0x7F7F7F7F) + 0x01010101) & -2139062144
+    # (the carry bits 0x80808080 are masked once a row, after the OR over the row's words)
+    nan = (kw & 0x7F7F7F7F) + 0x01010101
     # NaN, infinite or overflowing scale (|s| > C.MAX_KEY_SCALE; NaN compares False)
-    bad = (tl.reduce(nan, 1, _or) != 0) | ~(tl.abs(scale) <= _MAX_KEY_SCALE)
+    bad = ((tl.reduce(nan, 1, _or) & -2139062144) != 0) | ~(tl.abs(scale) <= _MAX_KEY_SCALE)
     scale = tl.where(bad, float("nan"), tl.abs(scale))
     # words -> bytes: [BLOCK_N, D/4, 2, 2] with [n, c, j, i] = byte 2j + i of word c
     b0 = (kw & 0xFF).to(tl.uint8)
@@ -128,8 +135,29 @@ def _layer_partial(k, qt, w, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
         x = tl.dot(k.to(tl.float32), qt.to(tl.float32), input_precision="ieee")
     else:
         x = tl.dot(k, qt)
-    x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) * w[None, :]
-    return tl.sum(tl.reshape(x, (BLOCK_N, 2, H_PAD // 2)), axis=2)
+    x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if not _HEAD_SUM_CHAIN:
+        return tl.sum(tl.reshape(x * w[None, :], (BLOCK_N, 2, H_PAD // 2)), axis=2)
+    J: tl.constexpr = H_PAD // 8  # in-thread heads a row and warpgroup: 8-column groups x 2
+    # column 8 * jg + 2 * lane4 + p of a half -> [n, half, lane4, (jg, p)]: the in-thread
+    # index last, split into single values and summed as one FMA chain
+    xs = (tl.reshape(tl.permute(tl.reshape(x, (BLOCK_N, 2, J // 2, 4, 2)), (0, 1, 3, 2, 4)),
+                     (BLOCK_N, 2, 4, J)),)
+    wv = (tl.reshape(tl.permute(tl.reshape(w, (2, J // 2, 4, 2)), (0, 2, 1, 3)), (2, 4, J)),)
+    for _lvl in tl.static_range(J.bit_length() - 1):
+        nx = ()
+        nw = ()
+        for i in tl.static_range(len(xs)):
+            a, b = tl.split(tl.reshape(xs[i], xs[i].shape[:-1] + (xs[i].shape[-1] // 2, 2)))
+            nx = nx + (a, b)
+            c, d = tl.split(tl.reshape(wv[i], wv[i].shape[:-1] + (wv[i].shape[-1] // 2, 2)))
+            nw = nw + (c, d)
+        xs = nx
+        wv = nw
+    s = tl.reshape(xs[0], (BLOCK_N, 2, 4)) * tl.reshape(wv[0], (2, 4))[None, :, :]
+    for i in tl.static_range(1, len(xs)):
+        s = s + tl.reshape(xs[i], (BLOCK_N, 2, 4)) * tl.reshape(wv[i], (2, 4))[None, :, :]
+    return tl.sum(s, axis=2)
 
 
 @triton.jit
@@ -147,6 +175,10 @@ def _score_tile(kb, scale, qts, ws, logit_offset, out_n, nmask, scores_ptr, logi
     # max: the NaN-aware max of the logits, then ONE sigmoid (monotonic: the same as the max
     # of the sigmoids); mean: the sum of the sigmoids.
     ens = _ensemble_init(BLOCK_N, ENSEMBLE_MEAN)
+    # max without logits: an overflowed logit (+-inf) makes the score NaN through
+    # ``max + logit * 0`` (NaN for +-inf and NaN, +-0 otherwise), once the max is known: one
+    # FMA a layer instead of a compare and a select
+    logits = ()
     for l0 in tl.static_range(0, L, 4):
         p0 = _layer_partial(k, qts[l0], ws[l0], BLOCK_N, H_PAD, BF16_DOT_VIA_F32)
         p1 = p0
@@ -167,8 +199,11 @@ def _score_tile(kb, scale, qts, ws, logit_offset, out_n, nmask, scores_ptr, logi
         for j in tl.static_range(4):
             if l0 + j < L:
                 logit = sums[j] * abs_scale + logit_offset
-                # an overflowed logit (+-inf) is NaN, as in reference.pin_nonfinite
-                logit = tl.where(tl.abs(logit) == float("inf"), float("nan"), logit)
+                if ENSEMBLE_MEAN or WRITE_LOGITS:
+                    # an overflowed logit (+-inf) is NaN, as in reference.pin_nonfinite
+                    logit = tl.where(tl.abs(logit) == float("inf"), float("nan"), logit)
+                else:
+                    logits = logits + (logit,)
                 if WRITE_LOGITS:
                     if MASKED:
                         tl.store(logits_ptr + (l0 + j) * lstride + out_n, logit, mask=nmask)
@@ -180,7 +215,11 @@ def _score_tile(kb, scale, qts, ws, logit_offset, out_n, nmask, scores_ptr, logi
                     ens = tl.maximum(ens, logit, propagate_nan=tl.PropagateNan.ALL)
     if ENSEMBLE_MEAN:
         ens = ens / L
+    elif WRITE_LOGITS:
+        ens = _sigmoid(ens)
     else:
+        for i in tl.static_range(L):
+            ens = ens + logits[i] * 0.0  # + 0 (exact; -0 may become +0: same sigmoid) or NaN
         ens = _sigmoid(ens)
     if MASKED:
         tl.store(scores_ptr + out_n, ens, mask=nmask)

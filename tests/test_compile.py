@@ -212,10 +212,16 @@ def test_report_records(compiled):
 # ensemble), per design §12: the modeled issue bound, and the steady-state loop's global loads
 # are the key tile's only (its 4-byte words and one scale per row and thread): q and w are
 # loaded once, before the loop (one layer's q alone would add 8 16-byte loads per thread).
-# Issue 12's targets are 0.90 (bf16) and 0.75 (fp8). Triton 3.6.0 (the GPU machines') meets
-# both (1.00, 0.76); 3.9.0 reduces each thread's head sum as a tree instead of a chain, which
-# splits 40% of the FMAs into a multiply and an add: fp8 0.68 there (design §12).
-V2_MIN_ISSUE_BOUND = {(3, 6): {"bf16": 0.90, "fp8": 0.75}, (3, 9): {"bf16": 0.90, "fp8": 0.65}}
+# Issue 12's bound targets, 0.90 (bf16) and 0.75 (fp8), hold under every supported Triton
+# (fp8: 0.78 with 3.6.0, 0.76 with 3.9.0; before the explicit head-sum chain and the leaner
+# epilogue 3.9.0 gave 0.68).
+V2_MIN_ISSUE_BOUND = {"bf16": 0.90, "fp8": 0.75}
+# Instructions per unit of work (per warp per tile x warps / chunks a tile) against v1's
+# headline build. Issue 12's target is 0.5; fp8 meets it (0.43 with 3.6.0, 0.44 with 3.9.0),
+# bf16 does not yet (0.60 / 0.62: the e4m3 -> bf16 conversion and the per-row work of the
+# word-load layout, design §12). The ceilings below are what the design holds today, so a
+# regression fails (the previous build: bf16 0.62 / 0.67, fp8 0.44 / 0.49).
+V2_MAX_INSTRUCTION_RATIO = {"bf16": 0.625, "fp8": 0.46}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
@@ -227,12 +233,12 @@ def test_v2_dense_promises(compiled, precision):
     assert r["loop_global_loads_per_tile"] <= key_loads, (
         f"{r['loop_global_loads_per_tile']} global loads a tile: more than the key tile's "
         f"{key_loads} (q or w reloaded in the loop?)")
-    from flashmemory_triton.kernels import configs
-    version = configs.installed()
-    floor = V2_MIN_ISSUE_BOUND.get(version, V2_MIN_ISSUE_BOUND[configs.NEWEST])[precision]
-    assert r["issue_bound"] >= floor, (version, r["issue_bound"])
-    # fewer issue cycles per tensor-core FLOP than v1 at the same headline specialization
+    assert r["issue_bound"] >= V2_MIN_ISSUE_BOUND[precision], r["issue_bound"]
+    # issue cycles per tensor-core FLOP against v1 at its headline specialization
     (v1,) = _pick(compiled, kernel="dense", version="v1", target="sm_90", precision=precision,
                   specialization="headline")
     per_flop = {x["version"]: x["issue_cycles"] / x["flops_per_tile"] for x in (r, v1)}
-    assert per_flop["v2"] < per_flop["v1"], per_flop
+    ratio = per_flop["v2"] / per_flop["v1"]
+    assert ratio <= V2_MAX_INSTRUCTION_RATIO[precision], (
+        f"{r['loop_instructions_per_tile']} instructions a {r['block_n']}-chunk tile: {ratio:.3f}"
+        f" of v1's {v1['loop_instructions_per_tile']} a {v1['block_n']}-chunk tile")

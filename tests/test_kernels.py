@@ -181,6 +181,44 @@ def test_dense_v2_both_load_paths_and_v1(precision, device):
                 assert_close(scores.cpu(), v1_scores.cpu(), FP32_RTOL, f"v1 vs v2 {tag}")
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_dense_v2_headline_epilogue_nan_policy(precision, device):
+    """The headline epilogue (max ensemble, no logits) finds overflowed logits without a
+    per-layer test: +inf in one layer, and -inf in one layer while the others stay finite
+    (the max alone would hide it), both NaN; so are NaN bytes and a non-finite scale, in the
+    steady-state loop (full tiles) and in the partial last tile. Everything else matches the
+    logits-writing epilogue bit for bit (same sums, same order)."""
+    from flashmemory_triton.kernels.dense import dense_score_launch
+    if device.type == "cuda" and _device.capability(device) < (9, 0):
+        pytest.skip("v2 runs on sm_90+ (before Hopper the launcher keeps v1)")
+    gen = _gen(91)
+    L, B, N, H = 3, 2, 300, 4
+    q = torch.full((L, B, H, C.HEAD_DIM), 448.0).to(torch.bfloat16)  # e4m3 max: exact in fp8
+    w = torch.full((L, B, H), 1e-30)
+    w[0, 0] = 1.0  # row 0, layer 0: 448 * 448 * 128 * 4 * MAX_KEY_SCALE / 2 overflows to +inf
+    w[0, 1] = -1.0  # row 1, layer 0: -inf; layers 1 and 2 stay finite
+    keys = make_keys((B, N), gen)
+    bad = torch.zeros(B, N, dtype=torch.bool)
+    for n in (5, 140, 290):  # first tile, a full tile in the loop, the partial last tile
+        keys[:, n, :C.HEAD_DIM] = 0x7E  # 448
+        keys[:, n, C.HEAD_DIM:] = torch.tensor([C.MAX_KEY_SCALE / 2]).view(torch.uint8)
+        bad[:, n] = True
+    keys[0, 7, 3] = 0x7F
+    keys[1, 200, 64] = 0xFF
+    keys[0, 150, C.HEAD_DIM:] = torch.tensor([float("inf")]).view(torch.uint8)
+    keys[1, 260, C.HEAD_DIM:] = torch.tensor([float("nan")]).view(torch.uint8)
+    bad[0, 7] = bad[1, 200] = bad[0, 150] = bad[1, 260] = True
+    hw = _device.has_hw_fp8(device) if device.type == "cuda" else True
+    args = (q.to(device), w.to(device), keys.to(device))
+    scores, none = dense_score_launch(*args, precision=precision, hw_fp8=hw)
+    assert none is None
+    with_logits, logits = dense_score_launch(*args, precision=precision, hw_fp8=hw,
+                                             return_logits=True)
+    assert torch.equal(torch.isnan(scores).cpu(), bad), precision
+    assert bool(torch.isnan(logits[0]).cpu()[bad].all()), precision
+    assert torch.equal(scores.nan_to_num(-1.0), with_logits.nan_to_num(-1.0)), precision
+
+
 @pytest.mark.parametrize("L", [1, 2, 4])
 def test_layer_counts_and_odd_heads(L, device):
     gen = _gen(L)
