@@ -26,6 +26,22 @@ def pytest_configure(config):
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise pytest.UsageError("triton was imported before TRITON_INTERPRET=1 could be set")
         os.environ["TRITON_INTERPRET"] = "1"
+        _import_kernels()
+
+
+def _import_kernels():
+    """Import every kernel module now, while TRITON_INTERPRET=1: ``@triton.jit`` picks the
+    interpreter when a module is imported, and some modules are imported lazily by the code
+    that launches them. Without this, a test that unsets the variable (a CPU user's view, e.g.
+    tests/test_cpu_path.py) and happens to be the first to import one would leave its kernels
+    compiled-mode for every later interpreter test ("Cannot call @triton.jit'd outside of the
+    scope of a kernel")."""
+    import importlib
+    import pkgutil
+
+    import flashmemory_triton.kernels as kernels
+    for mod in pkgutil.iter_modules(kernels.__path__):
+        importlib.import_module(f"{kernels.__name__}.{mod.name}")
 
 
 @pytest.fixture(scope="session")
