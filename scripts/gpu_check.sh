@@ -2,7 +2,8 @@
 # GPU correctness tests + the quick benchmark sweep, in ONE call, on a machine where nothing can
 # be installed (torch and triton preinstalled; no network). Everything goes to $OUT:
 #   $OUT/env.txt            GPU, driver, torch/triton versions, commit, date
-#   $OUT/tests.log          pytest --device cuda (kernels, paged, CUDA graphs, full-size checks)
+#   $OUT/tests.log          pytest --device cuda (kernels, paged, CUDA graphs, full-size checks,
+#                           the DeepGEMM drop-in's no-host-sync / graph-capture check)
 #   $OUT/bench/             CSV, JSON, PNG of `python -m flashmemory_triton.bench --quick`
 #                           (the v2 dense scorer as `triton`, the kernel before it as `triton_v1`)
 #   $OUT/bench-mixed/       CSV, JSON, PNG of `... bench --mixed` (32 requests of 8K-256K
@@ -55,6 +56,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log, record the exit code
 
 step tests 220 "$PY" -m pytest -q -p no:cacheprovider --device cuda \
   tests/test_kernels.py tests/test_gpu.py tests/test_paged.py tests/test_cuda_graphs.py \
+  tests/test_deepgemm.py::test_gpu_no_host_sync_and_graph_capture \
   -k "not compile" -o addopts=""
 tests_rc=$?
 step bench 240 "$PY" -m flashmemory_triton.bench --quick --device cuda --out "$OUT/bench"
