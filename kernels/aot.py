@@ -157,6 +157,51 @@ def compile_dense(arch: str, *, PRECISION: str, ENSEMBLE_MEAN: bool, WRITE_LOGIT
     return out
 
 
+def dense_split_specializations(arch: str):
+    """The split launch of the v2 dense scorer (``kernels.dense_split``, sm_90 only, as v2):
+    (tile, layer) and (tile, layer, head half) units, bf16 and fp8, the max ensemble without
+    logits and the mean ensemble with them (its combining program's two epilogues)."""
+    from .dense_split import MODES
+    if arch != "sm_90":
+        return
+    for mode in MODES[1:]:
+        for precision in ("bf16", "fp8"):
+            for mean, logits in ((False, False), (True, True)):
+                yield dict(SPLIT=mode, PRECISION=precision, ENSEMBLE_MEAN=mean,
+                           WRITE_LOGITS=logits, HW_FP8=True)
+
+
+def compile_dense_split(arch: str, *, SPLIT: str, PRECISION: str, ENSEMBLE_MEAN: bool,
+                        WRITE_LOGITS: bool, HW_FP8: bool, L: int = 3, H_PAD: int = 128,
+                        ROW_WORDS: int = C.CHUNK_BYTES // 4, **config):
+    """Compile one specialization of ``dense_split.dense_split_kernel`` with its launcher's
+    GPU parameters (the fused kernel's tile, ``dense_split.WARPS``) or ``config`` overrides.
+    One program is one unit: one layer of one tile (``SPLIT="layers"``) or half its heads
+    (``"heads"``), so the tile's FLOPs are one layer's (or half of them)."""
+    from .dense import dense_launch_config
+    from .dense_split import WARPS, dense_split_kernel
+    cfg = {**dense_launch_config(divmod(TARGETS[arch].arch, 10), 1 << 20, PRECISION),
+           "num_warps": WARPS[SPLIT], **config}
+    signature = {
+        "kw_ptr": "*i32", "kf_ptr": "*fp32", "q_ptr": "*bf16", "w_ptr": "*fp32",
+        "scores_ptr": "*fp32", "logits_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
+        "B": "i32", "N": "i32", "H": "i32", "stride_kb": "i64", "stride_kn": "i64",
+        "logit_offset": "fp32",
+    }
+    constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"], ROW_WORDS=ROW_WORDS,
+                      PRECISION=PRECISION, HW_FP8=HW_FP8, ENSEMBLE_MEAN=ENSEMBLE_MEAN,
+                      WRITE_LOGITS=WRITE_LOGITS, BF16_DOT_VIA_F32=False,
+                      SPLIT_HEADS=SPLIT == "heads")
+    for name in constexprs:
+        signature[name] = "constexpr"
+    aligned = [name for name, ty in signature.items() if ty.startswith("*")]
+    out = _compile(dense_split_kernel, signature, constexprs, arch, cfg["num_warps"],
+                   cfg["num_stages"], aligned=aligned)
+    heads = H_PAD // 2 if SPLIT == "heads" else H_PAD
+    out["tile"] = _tile(dict(cfg, BLOCK_H=heads), 1, heads, persistent=False, inner_trips=1)
+    return out
+
+
 def batched_specializations(arch: str):
     """The batched (paged / varlen) scorer's specializations (``kernels.paged``), at the GPU
     launch parameters of ``score.launch_config``. sm_90: paged with every precision and both
@@ -329,6 +374,8 @@ def _jobs(archs):
                                           HW_FP8=arch != "sm_80", HEADLINE=True)
             for spec in dense_specializations(arch):
                 yield "dense", arch, dict(VERSION="v2", **spec)
+            for spec in dense_split_specializations(arch):  # version: the split mode
+                yield "dense", arch, dict(VERSION=f"v2_split_{spec['SPLIT']}", **spec)
             for fp8, out_bf16 in ((False, False), (False, True), (True, True)):
                 yield "query", arch, {"FP8": fp8, "OUT_BF16": out_bf16}
             for spec in batched_specializations(arch):
@@ -340,6 +387,8 @@ def _jobs(archs):
 
 def _compiler(kernel: str, spec: dict):
     if kernel == "dense":
+        if spec["VERSION"].startswith("v2_split"):
+            return compile_dense_split
         return compile_dense if spec["VERSION"] == "v2" else compile_score
     return {"query": compile_query_prep, "paged": compile_batched, "varlen": compile_batched,
             "mqa": compile_mqa}[kernel]

@@ -354,16 +354,24 @@ def _programs(device: torch.device, B: int, tiles: int) -> int:
 def dense_score_launch(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Tensor, *,
                        precision: str, hw_fp8: bool, ensemble: str = "max",
                        logit_offset: float = 0.0, return_logits: bool = False,
-                       prefetch: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       prefetch: bool | None = None, split: str | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the v2 scorer on shared keys ``[B, N, 132]`` (``q [L, B, H, D]`` prepared,
     ``w [L, B, H]``), ``precision`` in ``PRECISIONS``. Inputs are assumed validated by the
     caller (``flashmemory_triton.ops``). ``prefetch`` overrides the launch table's choice (the
-    tests run both code paths)."""
+    tests run both code paths); ``split`` the launch mode (``dense_split.launch_mode``: short
+    contexts go to the split kernel, with the same results bit for bit)."""
     L, B, H, D = q.shape
     if compressed_k.dim() != 3 or precision not in PRECISIONS:
         raise ValueError(f"dense v2 takes shared keys [B, N, 132] in {PRECISIONS}, got "
                          f"{tuple(compressed_k.shape)} in {precision!r}")
     N = compressed_k.shape[1]
+    from .dense_split import dense_split_launch, launch_mode
+    mode = launch_mode(compressed_k.device, B, N, L, H, split)
+    if mode != "fused":
+        return dense_split_launch(q, w, compressed_k, precision=precision, hw_fp8=hw_fp8,
+                                  mode=mode, ensemble=ensemble, logit_offset=logit_offset,
+                                  return_logits=return_logits)
     device = compressed_k.device
     scores = alloc_output((B, N), torch.float32, device)
     logits = alloc_output((L, B, N), torch.float32, device) if return_logits else None

@@ -242,3 +242,24 @@ def test_v2_dense_promises(compiled, precision):
     assert ratio <= V2_MAX_INSTRUCTION_RATIO[precision], (
         f"{r['loop_instructions_per_tile']} instructions a {r['block_n']}-chunk tile: {ratio:.3f}"
         f" of v1's {v1['loop_instructions_per_tile']} a {v1['block_n']}-chunk tile")
+
+
+# --- the split launch of the v2 dense scorer (kernels/dense_split.py) ---------------------------
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_dense_split_compiles(compiled, precision):
+    """Both split modes, both epilogues, on sm_90: spill-free, on the mode's tensor cores, one
+    unit's FLOPs a program, and the (tile, layer) unit within the register budget that puts
+    ``dense_split.LAYER_CTAS_PER_SM`` programs on an SM (the launch rule assumes it)."""
+    from flashmemory_triton.kernels.dense_split import LAYER_CTAS_PER_SM
+    found = [r for r in _pick(compiled, kernel="dense", target="sm_90", precision=precision)
+             if str(r["version"]).startswith("v2_split")]
+    assert {(r["SPLIT"], r["ENSEMBLE_MEAN"], r["WRITE_LOGITS"]) for r in found} == {
+        (s, m, m) for s in ("layers", "heads") for m in (False, True)}
+    for r in found:
+        tag = f"split/{r['SPLIT']}/{precision}/mean={r['ENSEMBLE_MEAN']}"
+        _check_dot_and_resources(r, "sm_90", precision, tag)
+        assert not r["persistent"] and r["mma_flops_per_tile"] == r["flops_per_tile"], tag
+        heads = C.HEAD_DIM // 2 if r["SPLIT"] == "heads" else C.HEAD_DIM  # H_PAD = 128
+        assert r["flops_per_tile"] == 2 * r["block_n"] * heads * C.HEAD_DIM, tag
+        if r["SPLIT"] == "layers":
+            assert r["ctas_per_sm"] >= LAYER_CTAS_PER_SM, (tag, r["regs"], r["ctas_per_sm"])
