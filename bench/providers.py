@@ -159,6 +159,29 @@ def _build_triton_v1(ctx: Context, x: ShapeInputs, shape: Shape, precision: str)
     return Runner(run=lambda: call(False)[0], check=lambda: call(True))
 
 
+def _build_triton_fused(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) -> Runner:
+    """The v2 dense scorer without its split launch (``kernels.dense_split``: short contexts
+    as (tile, layer) programs), on the same prepared queries: compares the two where the
+    launcher splits (issue 12 item 4); elsewhere the same call as ``triton``."""
+    from flashmemory_triton import ops
+    from flashmemory_triton.kernels.dense import dense_score_launch
+    from flashmemory_triton.kernels.score import uses_v2
+    from flashmemory_triton.utils import _device
+    prepared = ops.prepare_queries(x.q_proj, x.w, x.positions, max_position=x.max_position,
+                                   precision=precision, backend="triton")
+
+    def call(logits: bool):
+        if uses_v2(x.compressed_k, precision, False, shape.ensemble, logits):
+            return dense_score_launch(prepared.q, prepared.w, x.compressed_k,
+                                      precision=precision,
+                                      hw_fp8=_device.has_hw_fp8(x.q.device),
+                                      ensemble=shape.ensemble, return_logits=logits,
+                                      split="fused")
+        return ops.score_prepared(prepared, x.compressed_k, ensemble=shape.ensemble,
+                                  return_logits=logits)
+    return Runner(run=lambda: call(False)[0], check=lambda: call(True))
+
+
 def _cycle_builder(backend: str) -> Callable:
     def build(ctx: Context, x: ShapeInputs, shape: Shape, precision: str) -> Runner:
         from flashmemory_triton.selection import select_resident
@@ -192,6 +215,8 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     # v2 serves bf16/fp8 only (tf32/fp32 stay on v1 in the "triton" row): only those compared
     Provider("triton_v1", SCORING, ("bf16", "fp8"), True, _build_triton_v1, _triton_bytes,
              "the fused scorer before v2 (one program per tile), same prepared queries"),
+    Provider("triton_fused", SCORING, ("bf16", "fp8"), True, _build_triton_fused,
+             _triton_bytes, "the v2 scorer without its split launch for short contexts"),
     Provider("cycle_torch", CYCLE, None, False, _cycle_builder("torch"),
              lambda s, d, p: _release_bytes(s, d, p) + _selection_bytes(s),
              "full cycle, torch backend: projections + reference scoring + page selection"),

@@ -151,7 +151,8 @@ def test_failing_provider_is_reported_and_not_timed(device):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("name, precision, layout", [
     ("triton", "fp8", "per_layer"), ("cycle_triton", "bf16", "per_layer"),
-    ("triton", "bf16", "shared"), ("triton_v1", "bf16", "shared")])
+    ("triton", "bf16", "shared"), ("triton_v1", "bf16", "shared"),
+    ("triton_fused", "bf16", "shared")])
 def test_triton_runners_pass_the_check(device, name, precision, layout):
     """The Triton providers call ops/the retriever as they expect (under the interpreter on
     the CPU, where the sweep itself never times them)."""
