@@ -21,6 +21,10 @@ of the sigmoids divided by L. Here
   the heads (``[BLOCK_N, H_PAD / 2]`` at 4 warps: one warpgroup holding the same columns a
   warpgroup of the fused kernel holds) and stores its half sum; ``p_lo + p_hi`` is then
   formed by the combining program;
+* (both checked in the TTGIR with Triton 3.6.0: the layer unit's dot has the fused kernel's
+  MMA layout, ``warpsPerCTA = [4, 2]``, ``instrShape = [16, 64, 16]``, and its head sum the
+  same reshaped linear layout; the half unit's ``[4, 1]`` MMA layout holds, per thread and
+  lane, the same head columns in the same register order as one of those warpgroups)
 * every unit writes its logit (or half sum) to a scratch buffer (the logits output itself when
   logits are requested) and counts itself done on the tile's counter (an atomic add with
   acquire-release semantics at GPU scope after a CTA barrier, the usual split-K semaphore);
