@@ -4,8 +4,8 @@ The fused v2 kernel (``kernels.dense``) gives each program whole 64-chunk tiles,
 and every head of them. At N = 4096, B = 1 that is 64 tiles for 132 SMs: half the card idles
 while each busy SM runs three layers. The split kernel gives one program one
 (tile, layer) unit (or one (tile, layer, head half) unit: selectable, not picked by the
-launcher, see ``pick_mode``), and combines the units of a tile EXACTLY: its ensemble scores and logits are bit-identical to the
-fused kernel's.
+launcher, see ``pick_mode``), and combines the units of a tile EXACTLY: its ensemble scores
+and logits are bit-identical to the fused kernel's.
 
 Why exact. The fused kernel computes, per layer, two half-head partial sums ``p_lo, p_hi``
 (``dense._layer_partial``: the ReLU-weighted head sum reduced within each warpgroup's half of
@@ -32,7 +32,10 @@ of the sigmoids divided by L. Here
   order, and runs the fused kernel's own ensemble code on them (``score._ensemble_init``,
   ``score._ensemble_add``, ``dense._sigmoid``). Floating-point results depend only on the
   operands and the order of operations, both the same, so the bits are the same. No
-  floating-point atomics are used (their order would depend on timing).
+  floating-point atomics are used (their order would depend on timing). The fused kernel's
+  max ensemble without logits skips the pin and adds ``logit * 0`` to the max instead: NaN
+  when any logit is +-inf or NaN, else the max itself (or +0 for -0: the same sigmoid), which
+  is the pinned max's sigmoid, bit for bit.
 
 The tile counters are reset by the last unit, so a counter buffer is reused by the next call on
 the same stream without a memset (one buffer per device and stream, kept for the process:
@@ -55,6 +58,7 @@ from flashmemory_triton.utils import _device
 
 from ._alloc import alloc_output
 from .dense import (
+    _HEAD_SUM_CHAIN,
     PRECISIONS,
     _layer_partial,
     _load_tile,
@@ -87,15 +91,37 @@ def _prepare_q_half(q_ptr, w_ptr, lb, half, H, D: tl.constexpr, H_HALF: tl.const
 
 
 @triton.jit
-def _half_partial(k, qt, w, BF16_DOT_VIA_F32: tl.constexpr):
-    """One half of ``dense._layer_partial``: the same dot, ReLU and weighting on half the
-    heads, summed over them (``[BLOCK_N]``)."""
+def _half_partial(k, qt, w, BLOCK_N: tl.constexpr, H_HALF: tl.constexpr,
+                  BF16_DOT_VIA_F32: tl.constexpr):
+    """One half of ``dense._layer_partial``: the same dot, ReLU and weighted head sum on half
+    the heads (``[BLOCK_N]``), in the same order: ``tl.sum`` of the weighted values, or where
+    ``dense._HEAD_SUM_CHAIN`` the same explicit FMA chain over each thread's heads (column
+    ``8 * jg + 2 * lane4 + p`` of the half) and then the sum over the 4 lanes."""
     if BF16_DOT_VIA_F32:
         x = tl.dot(k.to(tl.float32), qt.to(tl.float32), input_precision="ieee")
     else:
         x = tl.dot(k, qt)
-    x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) * w[None, :]
-    return tl.sum(x, axis=1)
+    x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if not _HEAD_SUM_CHAIN:
+        return tl.sum(x * w[None, :], axis=1)
+    J: tl.constexpr = H_HALF // 4  # dense._layer_partial's J = H_PAD // 8
+    xs = (tl.reshape(tl.permute(tl.reshape(x, (BLOCK_N, J // 2, 4, 2)), (0, 2, 1, 3)),
+                     (BLOCK_N, 4, J)),)
+    wv = (tl.reshape(tl.permute(tl.reshape(w, (J // 2, 4, 2)), (1, 0, 2)), (4, J)),)
+    for _lvl in tl.static_range(J.bit_length() - 1):
+        nx = ()
+        nw = ()
+        for i in tl.static_range(len(xs)):
+            a, b = tl.split(tl.reshape(xs[i], xs[i].shape[:-1] + (xs[i].shape[-1] // 2, 2)))
+            nx = nx + (a, b)
+            c, d = tl.split(tl.reshape(wv[i], wv[i].shape[:-1] + (wv[i].shape[-1] // 2, 2)))
+            nw = nw + (c, d)
+        xs = nx
+        wv = nw
+    s = tl.reshape(xs[0], (BLOCK_N, 4)) * tl.reshape(wv[0], (4,))[None, :]
+    for i in tl.static_range(1, len(xs)):
+        s = s + tl.reshape(xs[i], (BLOCK_N, 4)) * tl.reshape(wv[i], (4,))[None, :]
+    return tl.sum(s, axis=1)
 
 
 @triton.jit
@@ -145,8 +171,8 @@ def dense_split_kernel(
         layer = u // 2
         qt, w = _prepare_q_half(q_ptr, w_ptr, layer * B + b, u % 2, H, D, H_PAD // 2,
                                 PRECISION, HW_FP8)
-        tl.store(part_ptr + u * lstride + out_n, _half_partial(k, qt, w, BF16_DOT_VIA_F32),
-                 mask=nmask)
+        half_sum = _half_partial(k, qt, w, BLOCK_N, H_PAD // 2, BF16_DOT_VIA_F32)
+        tl.store(part_ptr + u * lstride + out_n, half_sum, mask=nmask)
     else:
         last = L - 1
         qt, w = _prepare_q(q_ptr, w_ptr, u * B + b, H, D, H_PAD, PRECISION, HW_FP8,
