@@ -61,3 +61,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The entry points through which every Triton kernel is launched (query kernel, dense scorer and
+# its v2 / split launches, batched paged/varlen scorer and its v2, DeepGEMM drop-in): one count
+# per entry call, so a test can assert that a refused call launched nothing, or which backend ran.
+LAUNCH_ENTRY_POINTS = (("query_prep", "prepare_query_launch"), ("score", "fused_score_launch"),
+                       ("paged", "batched_score_launch"), ("mqa_logits", "mqa_logits_launch"))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every kernel entry point wrapped: ``launches["n"]`` counts calls (they still run)."""
+    import importlib
+    count = {"n": 0}
+
+    def counting(fn):
+        def wrapper(*args, **kwargs):
+            count["n"] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for module, name in LAUNCH_ENTRY_POINTS:
+        mod = importlib.import_module(f"flashmemory_triton.kernels.{module}")
+        monkeypatch.setattr(mod, name, counting(getattr(mod, name)))
+    return count

@@ -47,27 +47,6 @@ def contract(examples: int):
                                            HealthCheck.function_scoped_fixture])
 
 
-# --- launch counting ----------------------------------------------------------------------------
-@pytest.fixture
-def launches(monkeypatch):
-    """Every Triton launcher wrapped: ``launches["n"]`` counts calls (they still run)."""
-    from flashmemory_triton.kernels import paged as kpaged
-    from flashmemory_triton.kernels import query_prep, score
-    count = {"n": 0}
-
-    def counting(fn):
-        def wrapper(*args, **kwargs):
-            count["n"] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    from flashmemory_triton.kernels import mqa_logits
-    for mod, name in ((query_prep, "prepare_query_launch"), (score, "fused_score_launch"),
-                      (kpaged, "batched_score_launch"), (mqa_logits, "mqa_logits_launch")):
-        monkeypatch.setattr(mod, name, counting(getattr(mod, name)))
-    return count
-
-
 # --- layouts ------------------------------------------------------------------------------------
 def _poison(dtype):
     if dtype.is_floating_point:

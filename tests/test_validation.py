@@ -557,25 +557,6 @@ def test_strided_scores_and_lengths_select_the_same(device):
 
 
 # --- serving batches: every bad argument refused before ANY launch (issue 14) ---------------------
-@pytest.fixture
-def launches(monkeypatch):
-    """Counts every kernel launch (query kernel, fused scorer, batched scorer); the calls
-    still run, so a test can assert the count of a refused call is 0."""
-    from flashmemory_triton.kernels import paged as kpaged
-    from flashmemory_triton.kernels import query_prep, score
-    count = {"n": 0}
-
-    def counting(fn):
-        def wrapper(*args, **kwargs):
-            count["n"] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(query_prep, "prepare_query_launch",
-                        counting(query_prep.prepare_query_launch))
-    monkeypatch.setattr(score, "fused_score_launch", counting(score.fused_score_launch))
-    monkeypatch.setattr(kpaged, "batched_score_launch", counting(kpaged.batched_score_launch))
-    return count
 
 
 def _serving_batch(device):
