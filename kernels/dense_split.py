@@ -215,8 +215,9 @@ def dense_split_kernel(
 # --- host side ---------------------------------------------------------------------------------
 MIN_HALF_HEADS = 16  # a tensor-core dot needs at least 16 columns: head halves need H_PAD >= 32
 WARPS = {"layers": 8, "heads": 4}  # layers: the fused kernel's tile; heads: one warpgroup
-# Co-resident (tile, layer) programs per SM, from the compile report (sm_90, 8 warps): 93-109
-# registers under Triton 3.6.0 and 3.9.0, so two CTAs of 256 threads fit the register file.
+# Co-resident (tile, layer) programs per SM, from the compile report (sm_90, 8 warps): 80-99
+# registers with Triton 3.6.0, 3.7.1, 3.8.0 and 3.9.0, spill-free, so two CTAs of 256 threads fit
+# the register file under every supported release (no per-release entry in kernels/configs.py).
 LAYER_CTAS_PER_SM = 2
 
 
@@ -231,10 +232,11 @@ def pick_mode(B: int, tiles: int, L: int, sms: int) -> str:
       so the longest program scores one layer instead of L (N = 4096 and N = 2048 at B = 1).
 
     ``"heads"`` is never picked: the compile report gives a (tile, layer, head half) unit at 4
-    warps 1388-1846 SASS instructions a warp (Triton 3.9.0 / 3.6.0), more issue cycles than a
-    whole (tile, layer) unit at 8 warps (735-769 a warp, 1470-1538 cycles), because each of
-    its warps decodes twice as much of the tile and its combining step runs in a 16-rows-a-
-    thread layout. It stays selectable (``split="heads"``) and exact, for a GPU measurement."""
+    warps 1331-1796 SASS instructions a warp (max ensemble, Triton 3.6.0-3.9.0), more issue
+    cycles than a whole (tile, layer) unit at 8 warps (704-761 a warp, 1408-1522 cycles),
+    because each of its warps decodes twice as much of the tile and its combining step runs in
+    a layout with 16 rows a thread. It stays selectable (``split="heads"``) and exact, for a GPU
+    measurement."""
     if B * tiles >= sms or B * tiles * L > LAYER_CTAS_PER_SM * sms:
         return "fused"
     return "layers"
