@@ -56,6 +56,9 @@ PTX_MARKERS = {
     "ld_global_b32": r"ld\.global[^\n]*\.b32",
     "ld_global_u8": r"ld\.global[^\n]*\.u8",
     "ld_global_v4": r"ld\.global[^\n]*\.v4\.b32",
+    # the split scorer's tile counter and its L2 reads of the other units' results
+    "atom_acq_rel_gpu": r"atom\.global\.gpu\.acq_rel\.add",
+    "ld_global_cg": r"ld\.global\.cg",
 }
 
 

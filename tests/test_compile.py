@@ -263,3 +263,6 @@ def test_dense_split_compiles(compiled, precision):
         assert r["flops_per_tile"] == 2 * r["block_n"] * heads * C.HEAD_DIM, tag
         if r["SPLIT"] == "layers":
             assert r["ctas_per_sm"] >= LAYER_CTAS_PER_SM, (tag, r["regs"], r["ctas_per_sm"])
+        # the exact combine's memory ordering: the count is an acquire-release atomic at GPU
+        # scope, and the completing unit reads the other units' results from L2
+        assert r["ptx"]["atom_acq_rel_gpu"] and r["ptx"]["ld_global_cg"], tag
