@@ -38,8 +38,8 @@ of the sigmoids divided by L. Here
   is the pinned max's sigmoid, bit for bit.
 
 The tile counters are reset by the last unit, so a counter buffer is reused by the next call on
-the same stream without a memset (one buffer per device and stream, kept for the process:
-a CUDA graph may hold its address).
+the same stream without a memset (one buffer per device and stream; under CUDA graph capture a
+fresh one, zeroed inside the graph).
 
 Non-finite inputs follow the fused kernel's policy (each unit computes the tile's NaN flag
 itself); the combining unit's ``|s|`` is its own, identical for every unit of a tile.
@@ -243,22 +243,24 @@ def pick_mode(B: int, tiles: int, L: int, sms: int) -> str:
 
 
 _COUNTERS: dict = {}
-_KEPT: list = []  # outgrown counter buffers: a captured CUDA graph may still use one
 _COUNTERS_LOCK = threading.Lock()
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """A zeroed int32 buffer of at least ``n`` tile counters. On the GPU one buffer per device
-    and stream, reused: every launch leaves it zeroed (the last unit of each tile resets its
-    counter), and launches on one stream run in order. Elsewhere a fresh buffer."""
-    if device.type != "cuda":
+    and stream, reused without a memset: every launch leaves it zeroed (the last unit of each
+    tile resets its counter), and launches on one stream run in order. While a CUDA graph is
+    being captured, a fresh buffer instead (its zeroing is captured too, in the graph's own
+    memory pool), so replays of graphs never share counters with each other or with eager
+    calls. Off the GPU a fresh buffer."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
     key = (device.index, torch.cuda.current_stream(device).cuda_stream)
     with _COUNTERS_LOCK:
         buf = _COUNTERS.get(key)
         if buf is None or buf.numel() < n:
-            if buf is not None:
-                _KEPT.append(buf)
+            # (an outgrown buffer is freed into the caching allocator, which reuses it only
+            # for this stream's later work, after the launches queued on it)
             buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
             _COUNTERS[key] = buf
         return buf

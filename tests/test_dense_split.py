@@ -215,3 +215,36 @@ def test_launch_mode_off_gpu_and_bad_split():
         dense_split.launch_mode(cpu, 1, 4096, 3, 128, "rows")
     with pytest.raises(ValueError, match="split='heads'.*H = 16"):
         dense_split.launch_mode(cpu, 1, 4096, 3, 16, "heads")
+
+
+@pytest.mark.gpu
+def test_split_in_cuda_graph_and_streams(device):
+    """GPU only: a captured split launch replays to the eager bits (its counters are zeroed
+    inside the graph), and eager calls on two streams (one counter buffer each) agree too."""
+    if device.type != "cuda" or _device.capability(device) < (9, 0):
+        pytest.skip("needs an sm_90+ GPU")
+    gen = _gen(21)
+    prepared = _prepared(3, 1, 128, "bf16", gen, device)
+    keys = make_keys((1, 4096), gen).to(device)
+    hw = _device.has_hw_fp8(device)
+
+    def call():
+        return _launch(prepared, keys, "bf16", hw, "layers", ensemble="mean",
+                       return_logits=True)
+    eager = call()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            on_side = call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(captured, eager):
+            assert_same_bits(got, want, "graph replay")
+    for got, want in zip(on_side, eager):
+        assert_same_bits(got, want, "side stream")
