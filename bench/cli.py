@@ -100,6 +100,10 @@ def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=ModelDims.rank, help="q LoRA rank (smoke tests)")
     p.add_argument("--heads", type=int, default=ModelDims.heads, help="heads (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="after S seconds, rows not yet started are skipped (status says so) and "
+                        "the results are written; the shapes nearest the headline run first. "
+                        "For runs under an outer time limit (default: no limit)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -133,12 +137,14 @@ def options_from(args, device: torch.device) -> Options:
     if compile_shapes < 0:
         raise ValueError(f"--compile-shapes must be >= 0, got {compile_shapes}")
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
+    if args.time_budget is not None and not args.time_budget >= 0:
+        raise ValueError(f"--time-budget must be >= 0 seconds, got {args.time_budget}")
     return Options(device=device,
                    dims=ModelDims(hidden=args.hidden, rank=args.rank, heads=args.heads),
                    rep_ms=args.rep_ms, min_samples=repeats,
                    autotune=args.full if args.autotune is None else args.autotune,
                    compile_shapes=compile_shapes, memory_budget_bytes=budget, seed=args.seed,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, time_budget_s=args.time_budget)
 
 
 def choose_scenario(args, on_gpu: bool) -> mixed.Scenario:

@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +38,10 @@ class Options:
     memory_budget_bytes: int | None = None  # None: 90% of free device memory / 80% of RAM
     seed: int = 0
     progress: bool = True
+    # Wall-clock seconds after which rows not yet started are recorded as skipped (and the
+    # shapes nearest the headline go first), so a run under an outer time limit (a lent GPU's
+    # per-command limit, scripts/gpu_check.sh) still writes its results. None: no limit.
+    time_budget_s: float | None = None
 
 
 @dataclasses.dataclass
@@ -96,15 +101,23 @@ def _set_recompile_limit(n: int) -> None:
     setattr(dynamo_config, name, max(getattr(dynamo_config, name), n))
 
 
-def plan(sweep: Sweep, providers: list[Provider]) -> list[tuple[Shape, Provider, str]]:
-    """Every row of the sweep, input-major (rows sharing inputs are adjacent)."""
-    return [(shape, p, prec) for shape in sweep.shapes() for p in providers
+def plan(sweep: Sweep, providers: list[Provider], headline_first: bool = False
+         ) -> list[tuple[Shape, Provider, str]]:
+    """Every row of the sweep, input-major (rows sharing inputs are adjacent); with
+    ``headline_first`` the shapes nearest the headline first (a stable sort: a shape's rows
+    stay together)."""
+    shapes = list(sweep.shapes())
+    if headline_first:
+        shapes.sort(key=closeness_to_headline)
+    return [(shape, p, prec) for shape in shapes for p in providers
             for prec in p.row_precisions(sweep.precision)]
 
 
 def run_sweep(sweep: Sweep, providers: list[Provider], options: Options) -> Result:
     device = options.device
-    rows_plan = plan(sweep.validate(), providers)
+    start = time.monotonic()
+    budget_s = options.time_budget_s
+    rows_plan = plan(sweep.validate(), providers, headline_first=budget_s is not None)
     compile_shapes = set(sorted(sweep.shapes(), key=closeness_to_headline)[:options.compile_shapes])
     _set_recompile_limit(2 * len(compile_shapes))
     triton_ok, triton_skip = triton_usable(device)
@@ -122,6 +135,8 @@ def run_sweep(sweep: Sweep, providers: list[Provider], options: Options) -> Resu
             bar.set_postfix_str(f"{provider.name} {precision} {shape.label()}")
             row = _base_row(shape, provider, precision, options.dims)
             skip = _static_skip(shape, provider, options, triton_ok, triton_skip, compile_shapes)
+            if not skip and budget_s is not None and time.monotonic() - start > budget_s:
+                skip = f"skipped: time budget (--time-budget {budget_s:g} s)"
             if not skip:
                 if inputs_key != shape[:3]:
                     inputs = oracle = None

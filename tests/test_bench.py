@@ -177,6 +177,23 @@ def test_memory_budget_skips_instead_of_running(device):
     assert row["status"].startswith("skipped: memory (needs ~") and "median_ms" not in row
 
 
+def test_time_budget_skips_rows_not_started_and_puts_the_headline_first(device):
+    sweep = sweeps.Sweep(n=(64, 256), batch=(1,), layout=("per_layer", "shared"),
+                         precision=("bf16",), ensemble=("max",))
+    ref = [providers.PROVIDERS["reference"]]
+    # no budget: the sweep's own order; a budget: the shapes nearest the headline first
+    assert [s for s, _, _ in runner.plan(sweep, ref)] == list(sweep.shapes())
+    ordered = [s for s, _, _ in runner.plan(sweep, ref, headline_first=True)]
+    assert ordered == sorted(sweep.shapes(), key=sweeps.closeness_to_headline)
+    assert (ordered[0].layout, ordered[0].n) == ("shared", 256)
+    options = runner.Options(device=device, dims=TINY, progress=False, time_budget_s=0.0)
+    result = runner.run_sweep(sweep, ref, options)
+    assert len(result.rows) == 4
+    for row in result.rows:
+        assert row["status"] == "skipped: time budget (--time-budget 0 s)"
+        assert "median_ms" not in row
+
+
 def test_check_output_conditions():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 2, 50, generator=g) * 3
