@@ -10,7 +10,12 @@ leaves them) and as varlen rows. Providers, all on the same keys and queries:
 ``triton_per_request``  ``ops.score_prepared`` once per request: one dense launch each
 ``triton_padded``       ``ops.score_prepared`` on the batch padded to the longest request: one
                         launch, the padding scored and thrown away
-``triton_paged``        ``paged.score_paged``: one launch over the paged pool
+``triton_paged``        ``paged.score_paged``: one launch over the paged pool (the v2 kernel,
+                        ``kernels/paged_v2.py``, where it serves: the shared pool in bf16/fp8 on
+                        Hopper)
+``triton_paged_v1``     the same launch on the kernel v2 replaced (``kernel="v1"``), shared pool
+                        only (per-layer pools run v1 as ``triton_paged``): kept until a GPU run
+                        has compared the two
 ``triton_varlen``       ``paged.score_varlen``: one launch over the varlen rows
 
 Counted work is the USEFUL work, the same for every provider: ``L * sum(n)`` chunk-layer dot
@@ -46,7 +51,8 @@ from .sweeps import LAYOUTS, K
 
 ORACLE_BLOCK_BYTES = 1 << 30
 PROVIDERS = ("reference_loop", "triton_per_request", "triton_padded", "triton_paged",
-             "triton_varlen")
+             "triton_paged_v1", "triton_varlen")
+SHARED_ONLY = {"triton_paged_v1": "skipped: per-layer pools run v1 as triton_paged"}
 BASELINE = "reference_loop"
 ONE_LAUNCH_PER_REQUEST = "triton_per_request"  # the Triton baseline the single launch must beat
 
@@ -239,10 +245,13 @@ def build(name: str, x: MixedInputs, precision: str, ensemble: str) -> MixedRunn
         return MixedRunner(run=lambda: dense_call(False),
                            scores_of=lambda out: _real(out[0], x.lengths), check=dense_check,
                            launches=1)
-    if name not in ("triton_paged", "triton_varlen"):
+    if name not in ("triton_paged", "triton_paged_v1", "triton_varlen"):
         raise ValueError(f"unknown mixed provider {name!r}; choose from {list(PROVIDERS)}")
+    v1_keys = paged.page_pools(x.pool.pool) if name == "triton_paged_v1" else None
 
     def call(logits: bool):
+        if name == "triton_paged_v1":
+            return _paged_v1(prepared, v1_keys, x, ensemble, logits)
         if name == "triton_paged":
             return paged.score_paged(prepared, x.pool.pool, x.pool.page_table, x.pool.n_chunks,
                                      max_chunks=x.longest, ensemble=ensemble,
@@ -256,6 +265,18 @@ def build(name: str, x: MixedInputs, precision: str, ensemble: str) -> MixedRunn
     return MixedRunner(run=lambda: call(False),
                        scores_of=lambda out: _real(out.scores, x.lengths), check=check,
                        launches=-(-R // _max_rows()))
+
+
+def _paged_v1(prepared, keys, x: MixedInputs, ensemble: str, logits: bool):
+    """``paged.score_paged``'s launch (the inputs already checked) on the v1 kernel."""
+    from flashmemory_triton.kernels.paged import batched_score_launch
+    from flashmemory_triton.paged import BatchScores
+    from flashmemory_triton.utils import _device
+    scores, lg = batched_score_launch(
+        prepared.q, prepared.w, keys, x.pool.n_chunks, x.pool.page_table, max_chunks=x.longest,
+        precision=prepared.precision, hw_fp8=_device.has_hw_fp8(prepared.q.device),
+        ensemble=ensemble, return_logits=logits, kernel="v1")
+    return BatchScores(scores, lg, x.pool.n_chunks)
 
 
 def _max_rows() -> int:
@@ -304,6 +325,8 @@ def run_mixed(scenario: Scenario, model: Model, *, providers=PROVIDERS, rep_ms: 
                        "intensity": work.intensity, "status": ""}
                 if name != BASELINE and not triton_ok:
                     row["status"] = triton_skip
+                elif name in SHARED_ONLY and layout != "shared":
+                    row["status"] = SHARED_ONLY[name]
                 else:
                     progress(f"mixed: {name} {precision} {layout}")
                     _measure(row, functools.partial(build, name, x, precision,

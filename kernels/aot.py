@@ -273,6 +273,58 @@ def compile_batched(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: bool
     return out
 
 
+def paged_v2_specializations(arch: str):
+    """The v2 paged scorer (``kernels.paged_v2``, sm_90 only: before Hopper the launcher keeps
+    v1): one shared pool, bf16 and fp8, the max ensemble (the headline) and the mean ensemble
+    with logits where v2 serves it (``paged_v2.serves``), int32 tables; plus the int64-table
+    headline in fp8."""
+    from .paged_v2 import serves
+    if arch != "sm_90":
+        return
+    for precision in ("bf16", "fp8"):
+        for mean, logits in ((False, False), (True, True)):
+            if serves(precision, mean, logits):  # what the launcher runs on v2
+                yield dict(PAGED=True, PRECISION=precision, SHARED_KEYS=True,
+                           ENSEMBLE_MEAN=mean, WRITE_LOGITS=logits, HW_FP8=True, INDEX="i32")
+    yield dict(PAGED=True, PRECISION="fp8", SHARED_KEYS=True, ENSEMBLE_MEAN=False,
+               WRITE_LOGITS=False, HW_FP8=True, INDEX="i64")
+
+
+def compile_paged_v2(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: bool,
+                     ENSEMBLE_MEAN: bool, WRITE_LOGITS: bool, HW_FP8: bool, INDEX: str = "i32",
+                     L: int = 3, H_PAD: int = 128, BLOCK_B: int | None = None, **config):
+    """Compile one specialization of ``paged_v2.paged_v2_kernel`` with its launcher's GPU
+    parameters (``paged_v2_launch_config``) or ``config`` overrides. Pointers 16-byte aligned
+    (torch allocations; the pool's alignment is checked by ``paged.page_pools``); no integer
+    argument specialized (the page stride may be an engine's padded one; the heads come padded
+    to ``H_PAD``, so none of the kernel's integers affects its alignment). The tile is one page (64 chunks); its
+    steady state is the innermost loop holding the tensor-core work (the walk of one
+    request's full pages), counted once per page."""
+    from .paged_v2 import FILL_N, MAX_ROWS, paged_v2_kernel, paged_v2_launch_config
+    if not (PAGED and SHARED_KEYS):
+        raise ValueError("paged v2 takes one shared pool")
+    cfg = {**paged_v2_launch_config(divmod(TARGETS[arch].arch, 10)), **config}
+    signature = {
+        "kw_ptr": "*i32", "kf_ptr": "*fp32", "table_ptr": f"*{INDEX}", "len_ptr": f"*{INDEX}",
+        "q_ptr": "*bf16", "w_ptr": "*fp32", "scores_ptr": "*fp32", "logits_ptr": "*fp32",
+        "B": "i32", "B_q": "i32", "row0": "i32", "max_chunks": "i32",
+        "limit": "i32", "max_pages": "i32", "page_units": "i32", "stride_tb": "i32",
+        "logit_offset": "fp32",
+    }
+    constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_B=BLOCK_B or MAX_ROWS,
+                      FILL_N=FILL_N, PRECISION=PRECISION, HW_FP8=HW_FP8,
+                      ENSEMBLE_MEAN=ENSEMBLE_MEAN, WRITE_LOGITS=WRITE_LOGITS,
+                      BF16_DOT_VIA_F32=False, PREFETCH=cfg["PREFETCH"])
+    for name in constexprs:
+        signature[name] = "constexpr"
+    aligned = [name for name, ty in signature.items() if ty.startswith("*")]
+    out = _compile(paged_v2_kernel, signature, constexprs, arch, cfg["num_warps"],
+                   cfg["num_stages"], aligned=aligned)
+    out["tile"] = _tile(dict(cfg, BLOCK_N=C.PAGE_CHUNKS, BLOCK_H=H_PAD), L, H_PAD,
+                        persistent=True, inner_trips=1, innermost=True)
+    return out
+
+
 def mqa_specializations(arch: str):
     """The DeepGEMM drop-in's raw-logits kernel (``kernels.mqa_logits``) at H = 128 (V4's
     heads, one call): paged (the schedule walk) with 16-byte page units (page stride a
@@ -335,9 +387,13 @@ def compile_query_prep(arch: str, *, FP8: bool, OUT_BF16: bool, BLOCK_H: int = Q
     return out
 
 
-def _tile(cfg: dict, L: int, H: int, persistent: bool, inner_trips: int) -> dict:
-    """What one tile of a scorer is: ``BLOCK_N`` chunks x ``L`` layers x ``H`` heads x D."""
-    return dict(persistent=persistent, inner_trips=inner_trips, block_n=cfg["BLOCK_N"],
+def _tile(cfg: dict, L: int, H: int, persistent: bool, inner_trips: int,
+          innermost: bool = False) -> dict:
+    """What one tile of a scorer is: ``BLOCK_N`` chunks x ``L`` layers x ``H`` heads x D.
+    ``innermost``: the steady state is the innermost loop holding the tensor-core work (a
+    persistent kernel whose tile loop is nested in a walk, e.g. paged v2's per request)."""
+    return dict(persistent=persistent, inner_trips=inner_trips, innermost=innermost,
+                block_n=cfg["BLOCK_N"],
                 block_h=cfg["BLOCK_H"], stages=cfg["num_stages"],
                 flops=2 * cfg["BLOCK_N"] * H * C.HEAD_DIM * L)
 
@@ -382,7 +438,9 @@ def _jobs(archs):
             for fp8, out_bf16 in ((False, False), (False, True), (True, True)):
                 yield "query", arch, {"FP8": fp8, "OUT_BF16": out_bf16}
             for spec in batched_specializations(arch):
-                yield ("paged" if spec["PAGED"] else "varlen"), arch, spec
+                yield ("paged" if spec["PAGED"] else "varlen"), arch, dict(VERSION="v1", **spec)
+            for spec in paged_v2_specializations(arch):
+                yield "paged", arch, dict(VERSION="v2", **spec)
         if arch in MQA_ARCHS:
             for spec in mqa_specializations(arch):
                 yield "mqa", arch, spec
@@ -393,6 +451,8 @@ def _compiler(kernel: str, spec: dict):
         if spec["VERSION"].startswith("v2_split"):
             return compile_dense_split
         return compile_dense if spec["VERSION"] == "v2" else compile_score
+    if kernel == "paged" and spec.get("VERSION") == "v2":
+        return compile_paged_v2
     return {"query": compile_query_prep, "paged": compile_batched, "varlen": compile_batched,
             "mqa": compile_mqa}[kernel]
 
@@ -415,7 +475,8 @@ def _run_job(job, dump_dir: str | None = None) -> dict:
         precision = "fp8"
     else:
         precision = "fp8" if spec["FP8"] else ("bf16" if spec["OUT_BF16"] else "fp32")
-    counts = sass.tile_counts(sass.disassemble(cubin), tile["persistent"], tile["inner_trips"])
+    counts = sass.tile_counts(sass.disassemble(cubin), tile["persistent"], tile["inner_trips"],
+                              innermost=tile.get("innermost", False))
     bound, tensor_cycles, issue_cycles = None, None, None
     if tile["flops"] is not None and precision != "fp32":
         bound, tensor_cycles, issue_cycles = sass.issue_bound(

@@ -121,8 +121,23 @@ MQA_SM80 = {
     (3, 9): dict(roll_paged=False, roll_ranges=False, ranges_warps=8),
 }
 
+# Paged scorer v2 (kernels/paged_v2.py), sm_90, one shared pool, the next page's keys and the
+# page id after it prefetched: the epilogues it serves spill-free, by precision ("max": the max
+# ensemble without logits, the headline; "other": the mean ensemble and/or per-layer logits);
+# the rest stays on v1. Measured at the headline specialization (kernels.aot; registers /
+# spill bytes a thread): 3.6.0 bf16 max 255/0, bf16 mean+logits 255/16, fp8 247/0 and 255/0;
+# 3.7.1 bf16 255/0 and 255/8, fp8 245/0 and 255/0; 3.8.0 bf16 255/0 and 255/0, fp8 255/0 and
+# 255/0; 3.9.0 bf16 max 255/24 (255/24 without the prefetch too), fp8 255/0 and 255/24.
+PAGED_V2_EPILOGUES = {
+    (3, 6): {"bf16": ("max",), "fp8": ("max", "other")},
+    (3, 7): {"bf16": ("max",), "fp8": ("max", "other")},
+    (3, 8): {"bf16": ("max", "other"), "fp8": ("max", "other")},
+    (3, 9): {"bf16": (), "fp8": ("max",)},
+}
+
 TABLES = (V1_SM90_BLOCK_N, V1_SM8X_WARPS, PAGED_SM90_BF16_BLOCK_H, PAGED_SM8X_BLOCK_N,
-          DENSE_V2_PREFETCH, DENSE_V2_HEAD_SUM_CHAIN, DENSE_V2_BF16_EPILOGUES, MQA_SM80)
+          DENSE_V2_PREFETCH, DENSE_V2_HEAD_SUM_CHAIN, DENSE_V2_BF16_EPILOGUES, MQA_SM80,
+          PAGED_V2_EPILOGUES)
 
 
 def pick(table: dict, version: tuple[int, int] | None = None):

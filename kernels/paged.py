@@ -285,14 +285,24 @@ def _num_programs(device: torch.device, work_items: int) -> int:
 def batched_score_launch(q: torch.Tensor, w: torch.Tensor, keys: KeyBuffers,
                          lengths: torch.Tensor, page_table: torch.Tensor | None, *,
                          max_chunks: int, precision: str, hw_fp8: bool, ensemble: str = "max",
-                         logit_offset: float = 0.0, return_logits: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         logit_offset: float = 0.0, return_logits: bool = False,
+                         kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the batched scorer. ``q [L, B, H, D]``/``w [L, B, H]`` prepared (see
     ``query_prep``); ``lengths``: ``n_chunks [B]`` (paged, with ``page_table [B, max_pages]``)
     or ``cu_chunks [B + 1]`` (varlen, ``page_table=None``), int32/int64 on the keys' device.
     Returns ``scores [B, max_chunks]`` and, if asked, ``logits [L, B, max_chunks]``, filled with
     0 / -inf past each request's length. Inputs are assumed validated by the caller
-    (``flashmemory_triton.paged``)."""
+    (``flashmemory_triton.paged``). ``kernel``: ``"auto"`` (v2, ``kernels.paged_v2``, where
+    ``paged_v2.uses_v2``, else v1), ``"v1"`` (this module's kernel, kept for comparison) or
+    ``"v2"``."""
+    if kernel not in ("auto", "v1", "v2"):
+        raise ValueError(f"kernel must be 'auto', 'v1' or 'v2', got {kernel!r}")
+    from . import paged_v2
+    if kernel == "v2" or (kernel == "auto" and paged_v2.uses_v2(
+            keys, page_table is not None, precision, ensemble, return_logits, keys.base.device)):
+        return paged_v2.paged_v2_launch(q, w, keys, lengths, page_table, max_chunks=max_chunks,
+                                        precision=precision, hw_fp8=hw_fp8, ensemble=ensemble,
+                                        logit_offset=logit_offset, return_logits=return_logits)
     L, B, H, D = q.shape
     device = keys.base.device
     scores = alloc_output((B, max_chunks), torch.float32, device)

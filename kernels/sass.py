@@ -112,10 +112,12 @@ class TileCounts:
     opcodes: dict  # opcode -> weighted count in the tile
 
 
-def tile_counts(ins, persistent: bool, inner_trips: int = 1) -> TileCounts:
+def tile_counts(ins, persistent: bool, inner_trips: int = 1,
+                innermost: bool = False) -> TileCounts:
     """Count one tile's instructions (see the module docstring). ``persistent``: the tile is one
-    trip of the outermost loop holding tensor-core instructions (without any, the largest
-    loop; error if there is no loop); otherwise the whole program. Loops nested inside count
+    trip of the outermost loop holding tensor-core instructions (``innermost``: the innermost
+    one, for a tile loop nested in a walk over requests; without any, the largest loop; error
+    if there is no loop); otherwise the whole program. Loops nested inside count
     ``inner_trips`` times each level."""
     all_loops = loops(ins)
     region = (ins[0][0], ins[-1][0])
@@ -127,7 +129,8 @@ def tile_counts(ins, persistent: bool, inner_trips: int = 1) -> TileCounts:
             holding = all_loops  # no tensor cores (the exact fp32 mode): the largest loop
         if not holding:
             raise RuntimeError("persistent kernel without a loop around its tensor-core work")
-        outer = max(holding, key=lambda lp: lp[1] - lp[0])
+        pick = min if innermost and mma_addrs else max
+        outer = pick(holding, key=lambda lp: lp[1] - lp[0])
         region = outer
     inner = [lp for lp in all_loops if lp != outer and region[0] <= lp[0] and lp[1] <= region[1]]
     counts = {"instructions": 0.0, "mma": 0.0, "global_loads": 0.0, "mma_flops_per_warp": 0.0}

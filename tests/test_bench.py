@@ -294,7 +294,11 @@ def test_mixed_providers_pass_the_check_under_interpreter(device):
     result = mixed.run_mixed(scenario, Model(TINY, device), **opts)
     rows = {(r["provider"], r["layout"]): r for r in result.rows}
     assert len(rows) == 2 * len(mixed.PROVIDERS)
-    for r in rows.values():
+    assert rows[("triton_paged_v1", "per_layer")]["status"] == mixed.SHARED_ONLY[
+        "triton_paged_v1"]  # v2 serves the shared pool only: nothing to compare there
+    for key, r in rows.items():
+        if key == ("triton_paged_v1", "per_layer"):
+            continue
         assert r["status"] == "ok", r
         assert r["median_ms"] > 0 and r["roofline_pct"] > 0
         assert r["logit_rel_rms"] <= r["tolerance"], r

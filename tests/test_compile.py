@@ -266,3 +266,45 @@ def test_dense_split_compiles(compiled, precision):
         # the exact combine's memory ordering: the count is an acquire-release atomic at GPU
         # scope, and the completing unit reads the other units' results from L2
         assert r["ptx"]["atom_acq_rel_gpu"] and r["ptx"]["ld_global_cg"], tag
+
+
+# What the v2 paged scorer promises at the headline (sm_90, one shared pool, L = 3, H = 128, max
+# ensemble, int32 table), issue 12: modeled issue bound >= 0.80 (bf16) / 0.65 (fp8), at most
+# half of v1's steady-state instructions per chunk, no q/w loads in the steady state (the
+# per-request page walk), no spills. Where v2 does not compile spill-free it does not serve
+# (configs.PAGED_V2_EPILOGUES: bf16 under Triton 3.7+), v1 runs, and the check is skipped.
+PAGED_V2_MIN_ISSUE_BOUND = {"bf16": 0.80, "fp8": 0.65}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_v2_paged_promises(compiled, precision):
+    from flashmemory_triton.kernels.paged_v2 import serves
+    if not serves(precision, False, False):
+        pytest.skip(f"paged v2 does not serve {precision} with this Triton: v1 runs")
+    (r,) = _pick(compiled, kernel="paged", version="v2", target="sm_90", precision=precision,
+                 ENSEMBLE_MEAN=False, WRITE_LOGITS=False, INDEX="i32")
+    assert r["persistent"] and r["keys"] == "shared" and r["spill_bytes"] == 0
+    threads = 32 * r["warps"]
+    # a page's key words in 16-byte loads, its 64 scales, the page id after the next one
+    page_loads = -(-r["block_n"] * C.HEAD_DIM // 16 // threads) + -(-r["block_n"] // threads) + 1
+    assert r["loop_global_loads_per_tile"] <= page_loads, (
+        f"{r['loop_global_loads_per_tile']} global loads a page: more than the page's "
+        f"{page_loads} (q or w reloaded in the loop?)")
+    assert r["issue_bound"] >= PAGED_V2_MIN_ISSUE_BOUND[precision], r["issue_bound"]
+    (v1,) = _pick(compiled, kernel="paged", version="v1", target="sm_90", precision=precision,
+                  keys="shared", ENSEMBLE_MEAN=False, WRITE_LOGITS=False, INDEX="i32")
+    per_chunk = {x["version"]: x["loop_instructions_per_tile"] * x["warps"] / x["block_n"]
+                 for x in (r, v1)}
+    assert per_chunk["v2"] <= per_chunk["v1"] / 2, per_chunk
+
+
+def test_every_v2_paged_epilogue_compiled(compiled):
+    """v2 paged records for exactly the epilogues it serves with this Triton, plus the int64
+    table; every one spill-free on wgmma of its precision (test_batched_kernel_instructions)."""
+    from flashmemory_triton.kernels.paged_v2 import serves
+    for precision in ("bf16", "fp8"):
+        got = {(r["ENSEMBLE_MEAN"], r["WRITE_LOGITS"])
+               for r in compiled if r["kernel"] == "paged" and r["version"] == "v2"
+               and r["precision"] == precision and r["INDEX"] == "i32"}
+        assert got == {e for e in ((False, False), (True, True)) if serves(precision, *e)}
+    assert _pick(compiled, kernel="paged", version="v2", INDEX="i64")

@@ -123,6 +123,16 @@ def test_dense_v2_table():
     assert not serves("tf32", False, False, old)
 
 
+def test_paged_v2_table():
+    from flashmemory_triton.kernels.paged_v2 import paged_v2_launch_config, serves
+    old, new = configs.OLDEST, configs.NEWEST
+    assert serves("bf16", False, False, old) and not serves("bf16", True, True, old)
+    assert not serves("bf16", False, False, new)  # 3.9.0 spills: v1 serves bf16 there
+    assert serves("fp8", True, True, old) and serves("fp8", False, False, new)
+    assert not serves("fp8", True, False, new) and not serves("tf32", False, False, old)
+    assert paged_v2_launch_config((9, 0)) == dict(num_warps=8, num_stages=1, PREFETCH=True)
+
+
 # --- SASS tile counting --------------------------------------------------------------------------
 def _ins(lines):
     return [(i * 16, body) for i, body in enumerate(lines)]
@@ -150,6 +160,28 @@ def test_tile_counts_persistent_loop():
     assert c.instructions == 4 + 2 * 3
     assert c.mma == 1 and c.global_loads == 1  # the q load before the loop is not counted
     assert c.mma_flops_per_warp == 2 * 64 * 128 * 16 / 4
+
+
+# A tile loop nested in a walk (paged v2: pages inside the walk over requests), a second
+# tensor-core block (the partial last page) after it: the steady state is the innermost loop.
+NESTED = _ins([
+    "S2R R0, SR_CTAID.X",            # 0x00
+    "LDG.E R2, desc[UR4][R4.64]",    # 0x10 walk: q load per request
+    "LDG.E R3, desc[UR4][R6.64]",    # 0x20 tile loop head: key load
+    "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0",  # 0x30
+    "@P0 BRA 0x20",                   # 0x40 tile loop back edge
+    "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0",  # 0x50 partial last tile
+    "@P1 BRA 0x10",                   # 0x60 walk back edge
+    "EXIT",                           # 0x70
+])
+
+
+def test_tile_counts_innermost_loop():
+    c = sass.tile_counts(NESTED, persistent=True, innermost=True)
+    assert c.loop == (0x20, 0x40) and c.instructions == 3 and c.global_loads == 1
+    assert c.mma == 1
+    outer = sass.tile_counts(NESTED, persistent=True)  # the default: the outermost such loop
+    assert outer.loop == (0x10, 0x60) and outer.global_loads == 2
 
 
 def test_tile_counts_whole_program_and_self_branch():

@@ -557,3 +557,139 @@ def test_per_layer_lists_refused_under_capture(device, monkeypatch):
     want = P.score_paged(prep, held, table, n, max_chunks=70).scores
     got = P.score_varlen(prep, held_keys, cu, max_chunks=70).scores
     assert_close(got.cpu(), want.cpu(), FP32_RTOL, "held buffers under capture, varlen vs paged")
+
+
+# --- paged v2 (kernels/paged_v2.py): the persistent per-request page walk --------------------
+# Lengths around every page boundary, empty requests first, in the middle and last, a long one:
+# with 1, 2 or 5 programs the slices start and end inside requests, on their boundaries and
+# inside a partial last page. Requests 3-5 share their first page; request 5 has a NaN byte
+# and an infinite scale (``_requests``).
+V2_LENGTHS = LENGTHS + [0, 129, 7 * 64 + 5, 0]
+
+
+def _v2_launch(prep, keys, n_chunks, table, M, kernel="v2", **kw):
+    from flashmemory_triton.kernels import paged_v2
+    from flashmemory_triton.kernels.paged import batched_score_launch
+    if kernel == "v2":
+        return paged_v2.paged_v2_launch(prep.q, prep.w, keys, n_chunks, table, max_chunks=M,
+                                        precision=prep.precision, hw_fp8=False, **kw)
+    return batched_score_launch(prep.q, prep.w, keys, n_chunks, table, max_chunks=M,
+                                precision=prep.precision, hw_fp8=False, kernel=kernel, **kw)
+
+
+@pytest.mark.parametrize("precision,prefetch,programs", [
+    ("bf16", True, 1), ("bf16", True, 5), ("bf16", False, 2), ("fp8", True, 2),
+    ("fp8", False, 5)])
+def test_paged_v2_matches_reference(precision, prefetch, programs, device, monkeypatch):
+    """v2 against the float64 reference per request (FP32_RTOL: the same prepared q, only fp32
+    accumulation error, as every kernel here), both ensembles, with and without logits (the
+    scores must not change when logits are written), both loop variants, and program counts
+    whose slices cut requests anywhere (interpreter; on a GPU one program per SM)."""
+    from flashmemory_triton.kernels import paged_v2
+    monkeypatch.setattr(paged_v2, "INTERPRETER_PROGRAMS", programs)
+    gen = _gen(90 + 7 * programs + prefetch + 3 * (precision == "fp8"))
+    L, H = 3, 16
+    reqs = _requests(V2_LENGTHS, gen)
+    prep = _prepared(L, len(reqs), H, gen, device, precision)
+    pool, table, n_chunks, _ = _paged(reqs, gen, share=True)
+    keys = P.page_pools(pool.to(device))
+    table, n_chunks = table.to(device), n_chunks.to(device)
+    M = table.shape[1] * C.PAGE_CHUNKS
+    for ensemble in ("max", "mean"):
+        scores, logits = _v2_launch(prep, keys, n_chunks, table, M, ensemble=ensemble,
+                                    logit_offset=-0.125, return_logits=True, prefetch=prefetch)
+        tag = f"v2 {precision} {ensemble} prefetch={prefetch} P={programs}"
+        _check_batch(P.BatchScores(scores, logits, n_chunks), prep, reqs, ensemble, FP32_RTOL,
+                     tag, -0.125)
+        alone, none = _v2_launch(prep, keys, n_chunks, table, M, ensemble=ensemble,
+                                 logit_offset=-0.125, prefetch=prefetch)
+        assert none is None
+        assert torch.equal(alone.isnan(), scores.isnan()), tag
+        assert_close(alone.cpu(), scores.cpu(), FP32_RTOL, f"{tag}: without logits")
+
+
+def test_paged_v2_padded_stride_int64_table_and_split_launches(device, monkeypatch):
+    """An engine's padded page stride (8496 bytes, read in place), an int64 table and lengths,
+    a max_chunks narrower than the table, and more requests than one launch takes (MAX_ROWS
+    patched to 3): every launch's rows and fill land in their own output rows."""
+    from flashmemory_triton.kernels import paged_v2
+    monkeypatch.setattr(paged_v2, "MAX_ROWS", 3)
+    gen = _gen(97)
+    L, H = 2, 16
+    lengths = [5, 0, 64, 17, 130, 1, 66]
+    reqs = [make_keys((n,), gen) for n in lengths]
+    prep = _prepared(L, len(reqs), H, gen, device, "bf16")
+    pool, table, n_chunks, _ = _paged(reqs, gen, extra_pages=3, index_dtype=torch.int64,
+                                      share=False)
+    stride = C.PAGE_BYTES + 48
+    padded = torch.full((pool.shape[0], stride), NAN_BYTE, dtype=torch.uint8)
+    padded[:, :C.PAGE_BYTES] = pool
+    keys = P.page_pools(padded.to(device)[:, :C.PAGE_BYTES])
+    assert keys.page_stride == stride and keys.shared
+    M = 140
+    for ensemble in ("max", "mean"):
+        scores, logits = _v2_launch(prep, keys, n_chunks.to(device), table.to(device), M,
+                                    ensemble=ensemble, return_logits=True)
+        assert scores.shape == (len(reqs), M)
+        _check_batch(P.BatchScores(scores, logits, n_chunks), prep, reqs, ensemble, FP32_RTOL,
+                     f"v2 padded stride {ensemble}", 0.0)
+
+
+def test_paged_v2_bad_page_ids_read_nothing(device):
+    """Without host validation an out-of-range page id (too big or negative) is never
+    dereferenced by v2 either: that page's chunks score NaN, every other chunk is exact."""
+    gen = _gen(98)
+    L, H = 2, 16
+    reqs = [make_keys((200,), gen, special_scales=False), make_keys((70,), gen)]
+    prep = _prepared(L, 2, H, gen, device, "fp8")
+    pool, table, n_chunks, _ = _paged(reqs, gen, extra_pages=0, share=False)
+    table[0, 1] = 10 ** 9
+    table[1, 1] = -5
+    keys = P.page_pools(pool.to(device))
+    scores, logits = _v2_launch(prep, keys, n_chunks.to(device), table.to(device), 256,
+                                return_logits=True)
+    logits = logits.cpu()
+    bad = torch.zeros(2, 256, dtype=torch.bool)
+    bad[0, 64:128] = True
+    bad[1, 64:70] = True
+    real = torch.arange(256)[None, :] < n_chunks[:, None]
+    for l in range(L):
+        assert torch.equal(torch.isnan(logits[l]) & real, bad), l
+    want = logits_f64(prep.q[:, :1].float().cpu(), prep.w[:, :1].cpu(), reqs[0][None])[:, 0]
+    assert_close(logits[:, 0, :64], want[:, :64], FP32_RTOL, "page before the bad one")
+    assert_close(logits[:, 0, 128:200], want[:, 128:], FP32_RTOL, "page after the bad one")
+
+
+def test_paged_v1_still_selectable_and_v2_scope(device):
+    """``kernel="v1"`` runs the kernel v2 replaced (kept as a bench provider) with the same
+    result; ``kernel="v2"`` refuses what v2 does not serve (varlen rows, per-layer pools) by
+    name before any launch; ``auto`` keeps v1 for tf32/fp32 and per-layer pools."""
+    from flashmemory_triton.kernels import paged_v2
+    from flashmemory_triton.kernels.paged import batched_score_launch
+    gen = _gen(99)
+    L, H = 3, 16
+    reqs = _requests(LENGTHS, gen)
+    prep = _prepared(L, len(reqs), H, gen, device, "bf16")
+    pool, table, n_chunks, _ = _paged(reqs, gen)
+    keys = P.page_pools(pool.to(device))
+    table, n_chunks = table.to(device), n_chunks.to(device)
+    M = table.shape[1] * C.PAGE_CHUNKS
+    s1, g1 = _v2_launch(prep, keys, n_chunks, table, M, kernel="v1", return_logits=True)
+    _check_batch(P.BatchScores(s1, g1, n_chunks), prep, reqs, "max", FP32_RTOL, "v1", 0.0)
+    s2, g2 = _v2_launch(prep, keys, n_chunks, table, M, kernel="auto", return_logits=True)
+    _close_filled(g2, g1, FP32_RTOL, "auto vs v1 logits")
+    with pytest.raises(ValueError, match="kernel must be"):
+        _v2_launch(prep, keys, n_chunks, table, M, kernel="v3")
+    vb = P.pack_varlen(reqs)
+    vkeys = P.varlen_buffers(vb.keys.to(device))
+    with pytest.raises(ValueError, match="paged v2 takes one shared pool"):
+        batched_score_launch(prep.q, prep.w, vkeys, vb.cu_chunks.to(device), None,
+                             max_chunks=M, precision="bf16", hw_fp8=False, kernel="v2")
+    layered = P.page_pools([pool.to(device)] * L)
+    with pytest.raises(ValueError, match="paged v2 takes one shared pool"):
+        _v2_launch(prep, layered, n_chunks, table, M)
+    assert not paged_v2.uses_v2(layered, True, "bf16", "max", False, device)
+    assert not paged_v2.uses_v2(vkeys, False, "bf16", "max", False, device)
+    assert not paged_v2.uses_v2(keys, True, "tf32", "max", False, device)
+    assert paged_v2.uses_v2(keys, True, "fp8", "max", False, device) == (
+        device.type != "cuda" or paged_v2.serves("fp8", False, False))
