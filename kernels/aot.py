@@ -296,10 +296,10 @@ def compile_paged_v2(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: boo
     """Compile one specialization of ``paged_v2.paged_v2_kernel`` with its launcher's GPU
     parameters (``paged_v2_launch_config``) or ``config`` overrides. Pointers 16-byte aligned
     (torch allocations; the pool's alignment is checked by ``paged.page_pools``); no integer
-    argument specialized (the page stride may be an engine's padded one; the heads come padded
-    to ``H_PAD``, so none of the kernel's integers affects its alignment). The tile is one page (64 chunks); its
-    steady state is the innermost loop holding the tensor-core work (the walk of one
-    request's full pages), counted once per page."""
+    argument specialized (the page stride may be an engine's padded one; the heads come
+    padded to ``H_PAD``, so none of the kernel's integers affects its alignment). The tile is
+    one page (64 chunks); its steady state is the innermost loop holding the tensor-core work
+    (the walk of one request's full pages), counted once per page."""
     from .paged_v2 import FILL_N, MAX_ROWS, paged_v2_kernel, paged_v2_launch_config
     if not (PAGED and SHARED_KEYS):
         raise ValueError("paged v2 takes one shared pool")

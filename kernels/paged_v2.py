@@ -180,8 +180,9 @@ def paged_v2_kernel(
                 # already; only the stores are masked
                 n = j.to(tl.int64) * _PAGE_CHUNKS
                 _score_tile(kw, scale, qts, ws, logit_offset, out_base + n, rows < n_b - n,
-                            scores_ptr, logits_ptr, lstride, L, D, H_PAD, _PAGE_CHUNKS, PRECISION, HW_FP8, ENSEMBLE_MEAN,
-                            WRITE_LOGITS, BF16_DOT_VIA_F32, True)
+                            scores_ptr, logits_ptr, lstride, L, D, H_PAD, _PAGE_CHUNKS,
+                            PRECISION, HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32,
+                            True)
         first += tiles_b
         b += 1
 
@@ -225,9 +226,9 @@ def serves(precision: str, ensemble_mean: bool, write_logits: bool,
 def uses_v2(keys, paged: bool, precision: str, ensemble: str, return_logits: bool,
             device: torch.device) -> bool:
     """Whether ``paged.batched_score_launch`` picks v2: paged keys in one shared pool of at
-    least one page (stride under 2**31 bytes), bf16/fp8, on Hopper and newer where v2 compiles spill-free (``serves``),
-    and in the interpreter (so the tests run it). Per-layer pools, varlen rows, tf32/fp32 and
-    sm_8x stay on v1."""
+    least one page (stride under 2**31 bytes), bf16/fp8, on Hopper and newer where v2
+    compiles spill-free (``serves``), and in the interpreter (so the tests run it). Per-layer
+    pools, varlen rows, tf32/fp32 and sm_8x stay on v1."""
     if not (paged and keys.shared and keys.limit >= 1 and precision in PRECISIONS
             and keys.page_stride < 2 ** 31):  # the page stride in words is an int32
         return False

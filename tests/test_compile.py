@@ -272,7 +272,7 @@ def test_dense_split_compiles(compiled, precision):
 # ensemble, int32 table), issue 12: modeled issue bound >= 0.80 (bf16) / 0.65 (fp8), at most
 # half of v1's steady-state instructions per chunk, no q/w loads in the steady state (the
 # per-request page walk), no spills. Where v2 does not compile spill-free it does not serve
-# (configs.PAGED_V2_EPILOGUES: bf16 under Triton 3.7+), v1 runs, and the check is skipped.
+# (configs.PAGED_V2_EPILOGUES), v1 runs, and the check is skipped (none at the headline today).
 PAGED_V2_MIN_ISSUE_BOUND = {"bf16": 0.80, "fp8": 0.65}
 
 
