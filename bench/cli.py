@@ -191,7 +191,7 @@ def run_mixed(args, device, scenario, names, options) -> int:
         result = mixed.run_mixed(
             scenario, Model(options.dims, device, seed=options.seed), providers=names,
             rep_ms=options.rep_ms, min_samples=options.min_samples, seed=options.seed,
-            triton_ok=triton_ok, triton_skip=triton_skip,
+            triton_ok=triton_ok, triton_skip=triton_skip, time_budget_s=options.time_budget_s,
             progress=(lambda m: None) if not options.progress else
             (lambda m: print(m, file=sys.stderr, flush=True)))
     from . import report

@@ -295,9 +295,13 @@ class MixedResult:
 
 def run_mixed(scenario: Scenario, model: Model, *, providers=PROVIDERS, rep_ms: float = 100.0,
               min_samples: int = 5, seed: int = 0, triton_ok: bool, triton_skip: str = "",
-              ceilings: Ceilings | None = None, progress: Callable[[str], None] = print
-              ) -> MixedResult:
-    """Check and time every provider on every (layout, precision); rows for the report."""
+              ceilings: Ceilings | None = None, progress: Callable[[str], None] = print,
+              time_budget_s: float | None = None) -> MixedResult:
+    """Check and time every provider on every (layout, precision); rows for the report.
+    ``time_budget_s``: rows not started after that many seconds are recorded as skipped (the
+    results are still written), for runs under an outer time limit (``scripts/gpu_check.sh``)."""
+    import time
+    start = time.monotonic()
     scenario.validate()
     device = model.device
     unknown = [p for p in providers if p not in PROVIDERS]
@@ -327,6 +331,8 @@ def run_mixed(scenario: Scenario, model: Model, *, providers=PROVIDERS, rep_ms: 
                     row["status"] = triton_skip
                 elif name in SHARED_ONLY and layout != "shared":
                     row["status"] = SHARED_ONLY[name]
+                elif time_budget_s is not None and time.monotonic() - start > time_budget_s:
+                    row["status"] = f"skipped: time budget (--time-budget {time_budget_s:g} s)"
                 else:
                     progress(f"mixed: {name} {precision} {layout}")
                     _measure(row, functools.partial(build, name, x, precision,

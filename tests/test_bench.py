@@ -255,6 +255,20 @@ def _mixed_options(**kw):
                 progress=lambda m: None, **kw), mixed
 
 
+def test_mixed_time_budget_skips_rows_not_started(device):
+    """``--mixed --time-budget 0``: every row is recorded as skipped, none timed, and the
+    result (rows, config) is still complete for the writers."""
+    from flashmemory_triton.bench.inputs import Model
+    opts, mixed = _mixed_options(triton_ok=True, time_budget_s=0.0)
+    scenario = mixed.Scenario(requests=2, min_n=1, max_n=70, layouts=("shared",),
+                              precisions=("bf16",))
+    result = mixed.run_mixed(scenario, Model(TINY, device), **opts)
+    assert len(result.rows) == len(mixed.PROVIDERS)
+    for row in result.rows:
+        assert row["status"] == "skipped: time budget (--time-budget 0 s)", row
+        assert "median_ms" not in row
+
+
 def test_mixed_scenario_lengths_and_counted_work():
     from flashmemory_triton.bench import mixed
     from flashmemory_triton.bench.inputs import Model
