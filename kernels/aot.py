@@ -53,6 +53,7 @@ PTX_MARKERS = {
     "mma_sync_tf32": r"\bmma\.sync[^\n]*\.tf32",
     "mma_sync_e4m3": r"\bmma\.sync[^\n]*\.e4m3",
     "cvt_e4m3": r"cvt[^\n]*e4m3",
+    "mul_bf16x2": r"mul\.rn\.bf16x2",  # the dense v2 bf16 decoder (numerics.e4m3_words_to_bf16)
     "ld_global_b32": r"ld\.global[^\n]*\.b32",
     "ld_global_u8": r"ld\.global[^\n]*\.u8",
     "ld_global_v4": r"ld\.global[^\n]*\.v4\.b32",
@@ -150,7 +151,7 @@ def compile_dense(arch: str, *, PRECISION: str, ENSEMBLE_MEAN: bool, WRITE_LOGIT
     constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"], ROW_WORDS=ROW_WORDS,
                       PRECISION=PRECISION, HW_FP8=HW_FP8, ENSEMBLE_MEAN=ENSEMBLE_MEAN,
                       WRITE_LOGITS=WRITE_LOGITS, BF16_DOT_VIA_F32=False,
-                      PREFETCH=cfg["PREFETCH"])
+                      PREFETCH=cfg["PREFETCH"], BF16_ASM=True)
     for name in constexprs:
         signature[name] = "constexpr"
     aligned = [name for name, ty in signature.items() if ty.startswith("*")]
@@ -193,7 +194,7 @@ def compile_dense_split(arch: str, *, SPLIT: str, PRECISION: str, ENSEMBLE_MEAN:
     }
     constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"], ROW_WORDS=ROW_WORDS,
                       PRECISION=PRECISION, HW_FP8=HW_FP8, ENSEMBLE_MEAN=ENSEMBLE_MEAN,
-                      WRITE_LOGITS=WRITE_LOGITS, BF16_DOT_VIA_F32=False,
+                      WRITE_LOGITS=WRITE_LOGITS, BF16_DOT_VIA_F32=False, BF16_ASM=True,
                       SPLIT_HEADS=SPLIT == "heads")
     for name in constexprs:
         signature[name] = "constexpr"

@@ -82,28 +82,31 @@ PAGED_SM8X_BLOCK_N = {
 }
 
 # Dense scorer v2 (kernels/dense.py), sm_90: whether the next tile's keys are prefetched into
-# registers. With 3.9.0 the bf16 build needs 8 bytes of stack with the prefetch (255 registers)
-# and 251 registers without; fp8 fits either way (243). 3.7 and 3.8 fit the 3.9 entries.
+# registers. Since the bf16 keys are decoded with the packed integer decoder
+# (numerics.e4m3_words_to_bf16: no byte permutes, no per-element conversions) every release
+# fits the prefetch in both modes and both epilogues (bf16 max / mean+logits: 253 / 255
+# registers with 3.6.0, 254 / 255 with 3.7.1 and 3.8.0, 254 / 242 with 3.9.0; fp8 at most
+# 244). Before it, 3.7+ needed 8 bytes of stack for the bf16 prefetch and ran bf16 without it.
 DENSE_V2_PREFETCH = {
     (3, 6): {"bf16": True, "fp8": True},
-    (3, 7): {"bf16": False, "fp8": True},
-    (3, 8): {"bf16": False, "fp8": True},
-    (3, 9): {"bf16": False, "fp8": True},
+    (3, 7): {"bf16": True, "fp8": True},
+    (3, 8): {"bf16": True, "fp8": True},
+    (3, 9): {"bf16": True, "fp8": True},
 }
 # ... and whether each thread's head sum is written as one explicit FMA chain (split out of
 # the accumulator layout): 3.9 reduces ``tl.sum`` within a thread as a tree, a multiply and an
 # add per head (fp8 565 -> 520 instructions a tile with the chain); 3.6 already reduces it as a
 # chain, and there the explicit form makes ptxas branch around the predicated stores of the
-# cross-warp exchange (fp8 505 -> 513).
+# cross-warp exchange (fp8 505 -> 513). 3.7.1 and 3.8.0 compiled spill-free with the chain.
 DENSE_V2_HEAD_SUM_CHAIN = {(3, 6): False, (3, 7): True, (3, 8): True, (3, 9): True}
-# ... and which epilogues it serves in bf16: from 3.7 the mean ensemble with per-layer logits
-# needs 8 bytes of stack even without the prefetch (255 registers with 3.9.0), so that
-# combination stays on v1 there ("max": max ensemble, no logits).
+# ... and which epilogues it serves in bf16 ("max": max ensemble, no logits; "other": the mean
+# ensemble and/or per-layer logits): all of them under every release since the packed decoder
+# (before it, 3.7+ kept bf16 mean+logits on v1: 8 bytes of stack).
 DENSE_V2_BF16_EPILOGUES = {
     (3, 6): ("max", "other"),
-    (3, 7): ("max",),
-    (3, 8): ("max",),
-    (3, 9): ("max",),
+    (3, 7): ("max", "other"),
+    (3, 8): ("max", "other"),
+    (3, 9): ("max", "other"),
 }
 
 # DeepGEMM drop-in kernel (kernels/mqa_logits.py) without an e4m3 type (sm_80): whether its head

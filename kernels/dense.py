@@ -36,7 +36,7 @@ from flashmemory_triton.utils import _device
 
 from . import configs
 from ._alloc import alloc_output
-from .numerics import e4m3_bits_to_f32
+from .numerics import e4m3_bits_to_f32, e4m3_words_to_bf16
 from .score import _ensemble_add, _ensemble_init, key_views
 
 _MAX_KEY_SCALE = tl.constexpr(C.MAX_KEY_SCALE)  # scales past it overflow on dequant: NaN chunk
@@ -50,6 +50,18 @@ PRECISIONS = ("bf16", "fp8")  # v2's modes; tf32/fp32 (debug, fp32 key tiles) st
 
 
 @triton.jit
+def _operand_order(q, D: tl.constexpr, PRECISION: tl.constexpr):
+    """q ``[heads, D]`` loaded in dim order -> the order of ``_tile_operand``'s key columns.
+    bf16: column ``4c + t`` holds dim ``4c + (0, 2, 1, 3)[t]`` (bits 0 and 1 swapped: the
+    packed decoder's pairing), a swap within each thread's registers (q is still loaded with
+    16-byte vectors); fp8: in order."""
+    if PRECISION == "bf16":
+        q = tl.reshape(tl.permute(tl.reshape(q, (q.shape[0], D // 4, 2, 2)), (0, 1, 3, 2)),
+                       (q.shape[0], D))
+    return q
+
+
+@triton.jit
 def _prepare_q(q_ptr, w_ptr, lb, H, D: tl.constexpr, H_PAD: tl.constexpr,
                PRECISION: tl.constexpr, HW_FP8: tl.constexpr, BF16_DOT_VIA_F32: tl.constexpr):
     """One layer's ``q^T [D, H_PAD]`` as the dot's operand and ``w [H_PAD]``; padded heads
@@ -59,6 +71,7 @@ def _prepare_q(q_ptr, w_ptr, lb, H, D: tl.constexpr, H_PAD: tl.constexpr,
     cols = tl.arange(0, D)
     q = tl.load(q_ptr + (lb * H + heads.to(tl.int64))[:, None] * D + cols[None, :],
                 mask=hmask[:, None], other=0.0)
+    q = _operand_order(q, D, PRECISION)
     w = tl.load(w_ptr + lb * H + heads, mask=hmask, other=0.0)
     if PRECISION == "fp8" and HW_FP8:
         q = q.to(tl.float32).to(tl.float8e4nv)  # exact: q holds e4m3 values
@@ -96,24 +109,38 @@ def _or(a, b):
 
 
 @triton.jit
-def _tile_operand(kw, scale, D: tl.constexpr, PRECISION: tl.constexpr, HW_FP8: tl.constexpr):
+def _tile_operand(kw, scale, D: tl.constexpr, PRECISION: tl.constexpr, HW_FP8: tl.constexpr,
+                  BF16_ASM: tl.constexpr = False):
     """The dot operand ``[BLOCK_N, D]`` with the scale's sign folded into every e4m3 sign bit
     (exact: e4m3 is sign-magnitude), and ``|scale|``, NaN for a bad chunk (an e4m3 NaN byte or
     a non-finite scale). Works on 4-byte words: a byte is 0x7F/0xFF exactly when its low 7 bits
-    plus 1 carry into bit 7, which no other byte's sum reaches."""
+    plus 1 carry into bit 7, which no other byte's sum reaches.
+
+    bf16: the columns hold bytes 0, 2, 1, 3 of each word (``_operand_order``: q is put in
+    that order), the pairing ``numerics.e4m3_words_to_bf16`` decodes without byte permutes;
+    ``BF16_ASM`` (sm_90 only) uses it, otherwise (the interpreter) the same order is decoded
+    byte by byte. fp8: bytes in order."""
     # 0x80808080 where the scale is negative: its sign bit, arithmetic-shifted over the word
     kw = kw ^ ((scale.to(tl.int32, bitcast=True) >> 31) & -2139062144)[:, None]
     # (the carry bits 0x80808080 are masked once a row, after the OR over the row's words)
-    nan = (kw & 0x7F7F7F7F) + 0x01010101
+    x = kw & 0x7F7F7F7F
+    nan = x + 0x01010101
     # NaN, infinite or overflowing scale (|s| > C.MAX_KEY_SCALE; NaN compares False)
     bad = ((tl.reduce(nan, 1, _or) & -2139062144) != 0) | ~(tl.abs(scale) <= _MAX_KEY_SCALE)
     scale = tl.where(bad, float("nan"), tl.abs(scale))
-    # words -> bytes: [BLOCK_N, D/4, 2, 2] with [n, c, j, i] = byte 2j + i of word c
+    # words -> elements: reshape(join(join(a0, a1), join(b0, b1))) lays out a0, b0, a1, b1
+    if PRECISION == "bf16" and BF16_ASM:
+        e0, e2, e1, e3 = e4m3_words_to_bf16(kw, x)
+        return tl.reshape(tl.join(tl.join(e0, e1), tl.join(e2, e3)), (kw.shape[0], D)), scale
     b0 = (kw & 0xFF).to(tl.uint8)
     b1 = ((kw >> 8) & 0xFF).to(tl.uint8)
     b2 = ((kw >> 16) & 0xFF).to(tl.uint8)
     b3 = ((kw >> 24) & 0xFF).to(tl.uint8)
-    kb = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (kw.shape[0], D))
+    if PRECISION == "bf16":
+        # bytes 0, 2, 1, 3 of each word (``_operand_order``: the GPU decoder's pairing)
+        kb = tl.reshape(tl.join(tl.join(b0, b1), tl.join(b2, b3)), (kw.shape[0], D))
+    else:
+        kb = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (kw.shape[0], D))  # 0 1 2 3
     if HW_FP8:
         k = kb.to(tl.float8e4nv, bitcast=True)
         if PRECISION == "bf16":
@@ -166,10 +193,10 @@ def _score_tile(kb, scale, qts, ws, logit_offset, out_n, nmask, scores_ptr, logi
                 BLOCK_N: tl.constexpr,
                 PRECISION: tl.constexpr, HW_FP8: tl.constexpr, ENSEMBLE_MEAN: tl.constexpr,
                 WRITE_LOGITS: tl.constexpr, BF16_DOT_VIA_F32: tl.constexpr,
-                MASKED: tl.constexpr):
+                MASKED: tl.constexpr, BF16_ASM: tl.constexpr = False):
     """Score one shared-keys tile in every layer and store its ensemble (and logits):
     ``out_n`` int64 output offsets of row ``b`` (``b * N + n``)."""
-    k, abs_scale = _tile_operand(kb, scale, D, PRECISION, HW_FP8)
+    k, abs_scale = _tile_operand(kb, scale, D, PRECISION, HW_FP8, BF16_ASM)
     # Every layer's two half-head sums, then ONE cross-warp reduction for all of them (up to 4
     # layers joined into one tensor; more go in groups of 4).
     # max: the NaN-aware max of the logits, then ONE sigmoid (monotonic: the same as the max
@@ -240,6 +267,7 @@ def dense_score_kernel(
     ENSEMBLE_MEAN: tl.constexpr, WRITE_LOGITS: tl.constexpr,
     BF16_DOT_VIA_F32: tl.constexpr,  # interpreter only: its bf16 dot multiplies raw bits
     PREFETCH: tl.constexpr = True,  # load the next tile's keys before scoring this one
+    BF16_ASM: tl.constexpr = False,  # sm_90: decode e4m3 -> bf16 with PTX (not interpretable)
 ):
     """Shared keys (one buffer for every layer): each tile is read once for all L layers."""
     pid = tl.program_id(0)
@@ -282,7 +310,7 @@ def dense_score_kernel(
                                              rows, nmask, D, False)
             _score_tile(kb, scale, qts, ws, logit_offset, out_base + t * BLOCK_N + rows, nmask,
                         scores_ptr, logits_ptr, lstride, L, D, H_PAD, BLOCK_N, PRECISION,
-                        HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32, False)
+                        HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32, False, BF16_ASM)
             kb = kb_next
             scale = scale_next
             t += nprog
@@ -295,7 +323,7 @@ def dense_score_kernel(
                                    nmask, D, False)
             _score_tile(kb, scale, qts, ws, logit_offset, out_base + t * BLOCK_N + rows, nmask,
                         scores_ptr, logits_ptr, lstride, L, D, H_PAD, BLOCK_N, PRECISION,
-                        HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32, False)
+                        HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32, False, BF16_ASM)
             t += nprog
     # The partial last tile, masked, by the program whose turn it is.
     if N % BLOCK_N != 0:
@@ -306,7 +334,7 @@ def dense_score_kernel(
                                    nmask, D, True)
             _score_tile(kb, scale, qts, ws, logit_offset, out_base + n_full * BLOCK_N + rows,
                         nmask, scores_ptr, logits_ptr, lstride, L, D, H_PAD, BLOCK_N, PRECISION,
-                        HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32, True)
+                        HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32, True, BF16_ASM)
 
 
 # --- host side ---------------------------------------------------------------------------------
@@ -392,5 +420,5 @@ def dense_score_launch(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Ten
         logits if logits is not None else scores, B, N, H, stride_kb, stride_kn,
         float(logit_offset), L=L, D=D, H_PAD=H_pad, ROW_WORDS=row_words, PRECISION=precision,
         HW_FP8=bool(hw_fp8), ENSEMBLE_MEAN=ensemble == "mean", WRITE_LOGITS=return_logits,
-        BF16_DOT_VIA_F32=not on_gpu, **cfg)
+        BF16_DOT_VIA_F32=not on_gpu, BF16_ASM=on_gpu, **cfg)
     return scores, logits

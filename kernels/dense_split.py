@@ -62,6 +62,7 @@ from .dense import (
     PRECISIONS,
     _layer_partial,
     _load_tile,
+    _operand_order,
     _prepare_q,
     _sigmoid,
     _tile_operand,
@@ -82,6 +83,7 @@ def _prepare_q_half(q_ptr, w_ptr, lb, half, H, D: tl.constexpr, H_HALF: tl.const
     cols = tl.arange(0, D)
     q = tl.load(q_ptr + (lb * H + heads.to(tl.int64))[:, None] * D + cols[None, :],
                 mask=hmask[:, None], other=0.0)
+    q = _operand_order(q, D, PRECISION)  # the key operand's column order (bf16: permuted)
     w = tl.load(w_ptr + lb * H + heads, mask=hmask, other=0.0)
     if PRECISION == "fp8" and HW_FP8:
         q = q.to(tl.float32).to(tl.float8e4nv)  # exact: q holds e4m3 values
@@ -147,6 +149,7 @@ def dense_split_kernel(
     ENSEMBLE_MEAN: tl.constexpr, WRITE_LOGITS: tl.constexpr,
     BF16_DOT_VIA_F32: tl.constexpr,  # interpreter only: its bf16 dot multiplies raw bits
     SPLIT_HEADS: tl.constexpr,  # units are (layer, head half): 2 L a tile; else L
+    BF16_ASM: tl.constexpr = False,  # sm_90: the fused kernel's PTX e4m3 -> bf16 decoder
 ):
     """Program ``(t, u, b)`` scores unit ``u`` of tile ``t`` of row ``b``; the tile's last unit
     to finish writes its ensemble (module docstring: why the result is the fused kernel's)."""
@@ -165,7 +168,7 @@ def dense_split_kernel(
     tile_words = n0 * row_words
     kb, scale = _load_tile(kw_ptr + b * stride_kb + tile_words,
                            kf_ptr + b * stride_kb + tile_words, row_words, rows, nmask, D, True)
-    k, abs_scale = _tile_operand(kb, scale, D, PRECISION, HW_FP8)
+    k, abs_scale = _tile_operand(kb, scale, D, PRECISION, HW_FP8, BF16_ASM)
     if SPLIT_HEADS:
         last = 2 * L - 1
         layer = u // 2
@@ -329,6 +332,6 @@ def dense_split_launch(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Ten
         B, N, H, stride_kb, stride_kn, float(logit_offset), L=L, D=D, H_PAD=H_pad,
         BLOCK_N=block_n, ROW_WORDS=row_words, PRECISION=precision, HW_FP8=bool(hw_fp8),
         ENSEMBLE_MEAN=ensemble == "mean", WRITE_LOGITS=return_logits,
-        BF16_DOT_VIA_F32=not on_gpu, SPLIT_HEADS=heads,
+        BF16_DOT_VIA_F32=not on_gpu, BF16_ASM=on_gpu, SPLIT_HEADS=heads,
         num_warps=WARPS[mode] if on_gpu else 4, num_stages=1)
     return scores, logits

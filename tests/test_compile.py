@@ -218,10 +218,10 @@ def test_report_records(compiled):
 V2_MIN_ISSUE_BOUND = {"bf16": 0.90, "fp8": 0.75}
 # Instructions per unit of work (per warp per tile x warps / chunks a tile) against v1's
 # headline build. Issue 12's target is 0.5; fp8 meets it (0.43 with 3.6.0, 0.44 with 3.9.0),
-# bf16 does not yet (0.60 / 0.62: the e4m3 -> bf16 conversion and the per-row work of the
-# word-load layout, design §12). The ceilings below are what the design holds today, so a
-# regression fails (the previous build: bf16 0.62 / 0.67, fp8 0.44 / 0.49).
-V2_MAX_INSTRUCTION_RATIO = {"bf16": 0.625, "fp8": 0.46}
+# bf16 does not yet (0.58 under both: the per-row work of the word-load layout and the
+# operand's shared-memory trip, design §12). The ceilings are what the design holds today, so a
+# regression fails (the first v2: bf16 0.62 / 0.67, fp8 0.44 / 0.49 with 3.6.0 / 3.9.0).
+V2_MAX_INSTRUCTION_RATIO = {"bf16": 0.59, "fp8": 0.45}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
@@ -229,6 +229,8 @@ def test_v2_dense_promises(compiled, precision):
     (r,) = _pick(compiled, kernel="dense", version="v2", target="sm_90", precision=precision,
                  ENSEMBLE_MEAN=False)
     assert r["persistent"] and r["spill_bytes"] == 0
+    if precision == "bf16":  # keys decoded by the packed integer decoder, no e4m3 conversion
+        assert r["ptx"]["mul_bf16x2"] and not r["ptx"]["cvt_e4m3"], r["ptx"]
     key_loads = (r["block_n"] * C.HEAD_DIM // 4) / (32 * r["warps"]) + r["block_n"] / r["warps"]
     assert r["loop_global_loads_per_tile"] <= key_loads, (
         f"{r['loop_global_loads_per_tile']} global loads a tile: more than the key tile's "

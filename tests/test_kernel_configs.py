@@ -114,12 +114,12 @@ def test_launchers_default_to_the_installed_release():
 
 def test_dense_v2_table():
     from flashmemory_triton.kernels.dense import dense_launch_config, serves
-    old, new = configs.OLDEST, configs.NEWEST
-    assert dense_launch_config((9, 0), 1 << 20, "bf16", old)["PREFETCH"]
-    assert not dense_launch_config((9, 0), 1 << 20, "bf16", new)["PREFETCH"]
-    assert dense_launch_config((9, 0), 1 << 20, "fp8", new)["PREFETCH"]
-    assert serves("bf16", True, True, old) and not serves("bf16", True, True, new)
-    assert serves("bf16", False, False, new) and serves("fp8", True, True, new)
+    old = configs.OLDEST
+    for release in configs.RELEASES:  # every release fits the prefetch and every epilogue
+        for precision in ("bf16", "fp8"):
+            assert dense_launch_config((9, 0), 1 << 20, precision, release)["PREFETCH"]
+            for mean, logits in ((False, False), (True, True), (False, True)):
+                assert serves(precision, mean, logits, release), (release, precision)
     assert not serves("tf32", False, False, old)
 
 
