@@ -315,7 +315,7 @@ def compile_paged_v2(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: boo
     constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_B=BLOCK_B or MAX_ROWS,
                       FILL_N=FILL_N, PRECISION=PRECISION, HW_FP8=HW_FP8,
                       ENSEMBLE_MEAN=ENSEMBLE_MEAN, WRITE_LOGITS=WRITE_LOGITS,
-                      BF16_DOT_VIA_F32=False, PREFETCH=cfg["PREFETCH"])
+                      BF16_DOT_VIA_F32=False, PREFETCH=cfg["PREFETCH"], BF16_ASM=True)
     for name in constexprs:
         signature[name] = "constexpr"
     aligned = [name for name, ty in signature.items() if ty.startswith("*")]

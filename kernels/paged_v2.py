@@ -100,6 +100,7 @@ def paged_v2_kernel(
     ENSEMBLE_MEAN: tl.constexpr, WRITE_LOGITS: tl.constexpr,
     BF16_DOT_VIA_F32: tl.constexpr,  # interpreter only: its bf16 dot multiplies raw bits
     PREFETCH: tl.constexpr = True,  # load the next page's keys before scoring this one
+    BF16_ASM: tl.constexpr = False,  # sm_90: dense v2's PTX e4m3 -> bf16 decoder
 ):
     """``B`` requests starting at row ``row0`` of a ``B_q``-row batch (q ``[L, B_q, H_PAD, D]``
     and w ``[L, B_q, H_PAD]``, padded heads zero; outputs ``[B_q, max_chunks]``, logits
@@ -160,7 +161,8 @@ def paged_v2_kernel(
                     _score_tile(kw, scale, qts, ws, logit_offset,
                                 out_base + j.to(tl.int64) * _PAGE_CHUNKS, every, scores_ptr,
                                 logits_ptr, lstride, L, D, H_PAD, _PAGE_CHUNKS, PRECISION,
-                                HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32, False)
+                                HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32, False,
+                                BF16_ASM)
                     kw = kw_next
                     scale = scale_next
                     j += 1
@@ -171,7 +173,8 @@ def paged_v2_kernel(
                     _score_tile(kw, scale, qts, ws, logit_offset,
                                 out_base + j.to(tl.int64) * _PAGE_CHUNKS, every, scores_ptr,
                                 logits_ptr, lstride, L, D, H_PAD, _PAGE_CHUNKS, PRECISION,
-                                HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32, False)
+                                HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32, False,
+                                BF16_ASM)
                     j += 1
                 page, valid = _page_of(trow, tl.minimum(j, hi - 1), limit)
                 kw, scale = _load_page(kw_ptr, kf_ptr, page, valid, page_words, rows, D)
@@ -182,7 +185,7 @@ def paged_v2_kernel(
                 _score_tile(kw, scale, qts, ws, logit_offset, out_base + n, rows < n_b - n,
                             scores_ptr, logits_ptr, lstride, L, D, H_PAD, _PAGE_CHUNKS,
                             PRECISION, HW_FP8, ENSEMBLE_MEAN, WRITE_LOGITS, BF16_DOT_VIA_F32,
-                            True)
+                            True, BF16_ASM)
         first += tiles_b
         b += 1
 
@@ -288,5 +291,5 @@ def paged_v2_launch(q: torch.Tensor, w: torch.Tensor, keys, lengths: torch.Tenso
             float(logit_offset), L=L, D=D, H_PAD=H_pad,
             BLOCK_B=max(16, triton.next_power_of_2(nb)), FILL_N=FILL_N, PRECISION=precision,
             HW_FP8=bool(hw_fp8), ENSEMBLE_MEAN=ensemble == "mean", WRITE_LOGITS=return_logits,
-            BF16_DOT_VIA_F32=device.type != "cuda", **cfg)
+            BF16_DOT_VIA_F32=device.type != "cuda", BF16_ASM=device.type == "cuda", **cfg)
     return scores, logits
