@@ -36,10 +36,11 @@ from flashmemory_triton.utils import _device
 
 from . import configs
 from ._alloc import alloc_output
-from .numerics import e4m3_bits_to_f32, e4m3_words_to_bf16
+from .numerics import BF16X2_TWO_POW_120, e4m3_bits_to_f32, e4m3_words_to_bf16
 from .score import _ensemble_add, _ensemble_init, key_views
 
 _MAX_KEY_SCALE = tl.constexpr(C.MAX_KEY_SCALE)  # scales past it overflow on dequant: NaN chunk
+_BF16X2_TWO_POW_120 = tl.constexpr(BF16X2_TWO_POW_120)
 
 # How each thread sums its heads (``configs.DENSE_V2_HEAD_SUM_CHAIN``): one explicit FMA chain,
 # where the installed Triton would otherwise reduce them as a tree (a multiply and an add per
@@ -121,7 +122,12 @@ def _tile_operand(kw, scale, D: tl.constexpr, PRECISION: tl.constexpr, HW_FP8: t
     ``BF16_ASM`` (sm_90 only) uses it, otherwise (the interpreter) the same order is decoded
     byte by byte. fp8: bytes in order."""
     # 0x80808080 where the scale is negative: its sign bit, arithmetic-shifted over the word
-    kw = kw ^ ((scale.to(tl.int32, bitcast=True) >> 31) & -2139062144)[:, None]
+    sign = (scale.to(tl.int32, bitcast=True) >> 31) & -2139062144
+    if PRECISION == "bf16" and BF16_ASM:
+        # the decoder's multiplier carries the sign instead: -2**120 (exact either way)
+        mul = tl.broadcast_to(((sign & -2147450880) | _BF16X2_TWO_POW_120)[:, None], kw.shape)
+    else:
+        kw = kw ^ sign[:, None]
     # (the carry bits 0x80808080 are masked once a row, after the OR over the row's words)
     x = kw & 0x7F7F7F7F
     nan = x + 0x01010101
@@ -130,7 +136,7 @@ def _tile_operand(kw, scale, D: tl.constexpr, PRECISION: tl.constexpr, HW_FP8: t
     scale = tl.where(bad, float("nan"), tl.abs(scale))
     # words -> elements: reshape(join(join(a0, a1), join(b0, b1))) lays out a0, b0, a1, b1
     if PRECISION == "bf16" and BF16_ASM:
-        e0, e2, e1, e3 = e4m3_words_to_bf16(kw, x)
+        e0, e2, e1, e3 = e4m3_words_to_bf16(kw, x, mul)
         return tl.reshape(tl.join(tl.join(e0, e1), tl.join(e2, e3)), (kw.shape[0], D)), scale
     b0 = (kw & 0xFF).to(tl.uint8)
     b1 = ((kw >> 8) & 0xFF).to(tl.uint8)

@@ -68,23 +68,24 @@ def round_to_bf16(x):
 # field and mantissa line up, 7 - 127 = -120 apart in bias) are the e4m3 value times 2**-120,
 # exactly, subnormals included (an e4m3 subnormal m * 2**-9 becomes the bf16 subnormal
 # m * 2**-129); one bf16 multiply by 2**120 (0x7B80: biased exponent 247; exact, the product is
-# the e4m3 value) finishes it.
-# The decoder's PTX, one packed register per byte pair ($4: the word, $5: the word & 0x7F7F7F7F;
-# $0..$3: bytes 0, 2, 1, 3 as bf16). tests/test_numerics.py executes this text on every byte.
+# the e4m3 value) finishes it, or by -2**120 (0xFB80) to negate it as well (exact too).
+BF16X2_TWO_POW_120 = 0x7B807B80
+# The decoder's PTX, one packed register per byte pair ($4: the word, $5: the word & 0x7F7F7F7F,
+# $6: the multiplier, 2**120 or -2**120 in both halves; $0..$3: bytes 0, 2, 1, 3 as bf16).
+# tests/test_numerics.py executes this text on every byte.
 E4M3_WORDS_TO_BF16_PTX = """{
-        .reg .b32 e, o, s, c;
-        mov.b32 c, 0x7B807B80;
+        .reg .b32 e, o, s;
         shl.b32 e, $5, 4;
         and.b32 e, e, 0x07F007F0;
         shl.b32 s, $4, 8;
         and.b32 s, s, 0x80008000;
         or.b32 e, e, s;
-        mul.rn.bf16x2 e, e, c;
+        mul.rn.bf16x2 e, e, $6;
         shr.b32 o, $5, 4;
         and.b32 o, o, 0x07F007F0;
         and.b32 s, $4, 0x80008000;
         or.b32 o, o, s;
-        mul.rn.bf16x2 o, o, c;
+        mul.rn.bf16x2 o, o, $6;
         mov.b32 {$0, $1}, e;
         mov.b32 {$2, $3}, o;
         }"""
@@ -92,15 +93,16 @@ _E4M3_WORDS_TO_BF16_PTX = tl.constexpr(E4M3_WORDS_TO_BF16_PTX)
 
 
 @triton.jit
-def e4m3_words_to_bf16(w, x):
+def e4m3_words_to_bf16(w, x, mul):
     """int32 words of four e4m3 bytes ``w`` (and ``x = w & 0x7F7F7F7F``) -> their four bf16
-    values, exact, as ``(byte 0, byte 2, byte 1, byte 3)``: the pairing that needs no byte
-    permute (each pair is one packed register, bytes 0 and 2 from ``x << 4``, bytes 1 and 3
-    from ``x >> 4``), then one packed ``mul.rn.bf16x2`` by 2**120 (PTX: bf16 arithmetic keeps
-    subnormals). sm_90 PTX (inline assembly): not for the interpreter. NaN bytes decode to
+    values times +-1, exact, as ``(byte 0, byte 2, byte 1, byte 3)``: the pairing that needs no
+    byte permute (each pair is one packed register, bytes 0 and 2 from ``x << 4``, bytes 1 and
+    3 from ``x >> 4``), then one packed ``mul.rn.bf16x2`` by ``mul`` (int32 bits of a bf16 pair:
+    ``BF16X2_TWO_POW_120``, or with both sign bits set to negate: a chunk's scale sign folded
+    in for free; PTX: bf16 arithmetic keeps subnormals). sm_90 PTX (inline assembly): not for the interpreter. NaN bytes decode to
     +-480 and must be flagged by the caller. ``tests/test_numerics.py`` executes the PTX text
     (``E4M3_WORDS_TO_BF16_PTX``) in an emulator on all 256 bytes in every byte position."""
     return tl.inline_asm_elementwise(
         asm=_E4M3_WORDS_TO_BF16_PTX,
-        constraints="=h,=h,=h,=h,r,r", args=[w, x],
+        constraints="=h,=h,=h,=h,r,r,r", args=[w, x, mul],
         dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)

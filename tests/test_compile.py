@@ -218,10 +218,10 @@ def test_report_records(compiled):
 V2_MIN_ISSUE_BOUND = {"bf16": 0.90, "fp8": 0.75}
 # Instructions per unit of work (per warp per tile x warps / chunks a tile) against v1's
 # headline build. Issue 12's target is 0.5; fp8 meets it (0.43 with 3.6.0, 0.44 with 3.9.0),
-# bf16 does not yet (0.58 under both: the per-row work of the word-load layout and the
+# bf16 does not yet (0.57 under both: the per-row work of the word-load layout and the
 # operand's shared-memory trip, design §12). The ceilings are what the design holds today, so a
 # regression fails (the first v2: bf16 0.62 / 0.67, fp8 0.44 / 0.49 with 3.6.0 / 3.9.0).
-V2_MAX_INSTRUCTION_RATIO = {"bf16": 0.59, "fp8": 0.45}
+V2_MAX_INSTRUCTION_RATIO = {"bf16": 0.58, "fp8": 0.45}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])

@@ -94,16 +94,25 @@ def test_e4m3_words_to_bf16_is_exact_for_every_byte_in_every_position():
         words = torch.randint(0, 256, (256, 4), generator=g, dtype=torch.int64)
         words[:, pos] = byte
         w = sum(words[:, i] << (8 * i) for i in range(4))
-        out = _run_ptx(_asm_text(), {"$4": w, "$5": w & 0x7F7F7F7F})
-        # outputs in the order byte 0, 2, 1, 3
-        for slot, b in enumerate((0, 2, 1, 3)):
-            got = _bf16_bits_to_f32(out[f"${slot}"])
-            want = table[words[:, b]]
-            finite = ~torch.isin(words[:, b], torch.tensor(NAN_BYTES))
-            assert torch.equal(got[finite], want[finite]), (pos, b)
-            # NaN bytes decode to +-480 (the kernel flags them per chunk, never relies on this)
-            nan_vals = got[~finite].abs()
-            assert torch.equal(nan_vals, torch.full_like(nan_vals, 480.0)), (pos, b)
+        for sign in (1.0, -1.0):  # the multiplier's sign negates every value (a scale's sign)
+            _check_word(w, words, sign, table)
+
+
+def _check_word(w, words, sign, table):
+    """Every output of the decoder run on the words ``w`` (bytes ``words``) with the multiplier
+    of ``sign``: the byte's e4m3 value times ``sign``, bit for bit."""
+    mul = numerics.BF16X2_TWO_POW_120 | (0x80008000 if sign < 0 else 0)
+    out = _run_ptx(_asm_text(), {"$4": w, "$5": w & 0x7F7F7F7F, "$6": torch.tensor(mul)})
+    # outputs in the order byte 0, 2, 1, 3
+    for slot, b in enumerate((0, 2, 1, 3)):
+        got = _bf16_bits_to_f32(out[f"${slot}"])
+        want = table[words[:, b]] * sign
+        finite = ~torch.isin(words[:, b], torch.tensor(NAN_BYTES))
+        assert torch.equal(got[finite], want[finite]), (sign, b)
+        assert torch.equal(torch.signbit(got[finite]), torch.signbit(want[finite]))
+        # NaN bytes decode to +-480 (the kernel flags them per chunk, never relies on this)
+        nan_vals = got[~finite].abs()
+        assert torch.equal(nan_vals, torch.full_like(nan_vals, 480.0)), (sign, b)
 
 
 def test_subnormals_and_signed_zero_survive():
@@ -112,7 +121,8 @@ def test_subnormals_and_signed_zero_survive():
     for value in (2.0 ** -9, -7 * 2.0 ** -9, -0.0, 448.0, -448.0):
         b = int(torch.tensor([value]).to(torch.float8_e4m3fn).view(torch.uint8))
         w = torch.tensor([b | (b << 8) | (b << 16) | (b << 24)], dtype=torch.int64)
-        out = _run_ptx(_asm_text(), {"$4": w, "$5": w & 0x7F7F7F7F})
+        out = _run_ptx(_asm_text(), {"$4": w, "$5": w & 0x7F7F7F7F,
+                                     "$6": torch.tensor(numerics.BF16X2_TWO_POW_120)})
         for slot in range(4):
             got = _bf16_bits_to_f32(out[f"${slot}"])
             assert torch.equal(got, torch.tensor([value])), (value, slot)
