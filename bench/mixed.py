@@ -16,7 +16,8 @@ leaves them) and as varlen rows. Providers, all on the same keys and queries:
 ``triton_paged_v1``     the same launch on the kernel v2 replaced (``kernel="v1"``), shared pool
                         only (per-layer pools run v1 as ``triton_paged``): kept until a GPU run
                         has compared the two
-``triton_varlen``       ``paged.score_varlen``: one launch over the varlen rows
+``triton_varlen``       ``paged.score_varlen``: one launch over the varlen rows (v2 where it
+                        serves, ``configs.VARLEN_V2_EPILOGUES``)
 
 Counted work is the USEFUL work, the same for every provider: ``L * sum(n)`` chunk-layer dot
 products of ``2 H D`` FLOP, every key buffer read once (``sum(n) * 132`` bytes, times ``L``

@@ -291,6 +291,19 @@ def paged_v2_specializations(arch: str):
                WRITE_LOGITS=False, HW_FP8=True, INDEX="i64")
 
 
+def varlen_v2_specializations(arch: str):
+    """The v2 scorer on varlen rows (one shared buffer; sm_90), as ``paged_v2_specializations``
+    with int64 ``cu_chunks``."""
+    from .paged_v2 import serves
+    if arch != "sm_90":
+        return
+    for precision in ("bf16", "fp8"):
+        for mean, logits in ((False, False), (True, True)):
+            if serves(precision, mean, logits, paged=False):
+                yield dict(PAGED=False, PRECISION=precision, SHARED_KEYS=True,
+                           ENSEMBLE_MEAN=mean, WRITE_LOGITS=logits, HW_FP8=True, INDEX="i64")
+
+
 def compile_paged_v2(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: bool,
                      ENSEMBLE_MEAN: bool, WRITE_LOGITS: bool, HW_FP8: bool, INDEX: str = "i32",
                      L: int = 3, H_PAD: int = 128, BLOCK_B: int | None = None, **config):
@@ -302,9 +315,11 @@ def compile_paged_v2(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: boo
     one page (64 chunks); its steady state is the innermost loop holding the tensor-core work
     (the walk of one request's full pages), counted once per page."""
     from .paged_v2 import FILL_N, MAX_ROWS, paged_v2_kernel, paged_v2_launch_config
-    if not (PAGED and SHARED_KEYS):
-        raise ValueError("paged v2 takes one shared pool")
-    cfg = {**paged_v2_launch_config(divmod(TARGETS[arch].arch, 10)), **config}
+    if not SHARED_KEYS:
+        raise ValueError("paged v2 takes one shared pool or varlen buffer")
+    epilogue = "max" if not (ENSEMBLE_MEAN or WRITE_LOGITS) else "other"
+    cfg = {**paged_v2_launch_config(divmod(TARGETS[arch].arch, 10), PAGED, PRECISION, epilogue),
+           **config}
     signature = {
         "kw_ptr": "*i32", "kf_ptr": "*fp32", "table_ptr": f"*{INDEX}", "len_ptr": f"*{INDEX}",
         "q_ptr": "*bf16", "w_ptr": "*fp32", "scores_ptr": "*fp32", "logits_ptr": "*fp32",
@@ -315,7 +330,8 @@ def compile_paged_v2(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: boo
     constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_B=BLOCK_B or MAX_ROWS,
                       FILL_N=FILL_N, PRECISION=PRECISION, HW_FP8=HW_FP8,
                       ENSEMBLE_MEAN=ENSEMBLE_MEAN, WRITE_LOGITS=WRITE_LOGITS,
-                      BF16_DOT_VIA_F32=False, PREFETCH=cfg["PREFETCH"], BF16_ASM=True)
+                      BF16_DOT_VIA_F32=False, PREFETCH=cfg["PREFETCH"], BF16_ASM=True,
+                      PAGED=PAGED)
     for name in constexprs:
         signature[name] = "constexpr"
     aligned = [name for name, ty in signature.items() if ty.startswith("*")]
@@ -442,6 +458,8 @@ def _jobs(archs):
                 yield ("paged" if spec["PAGED"] else "varlen"), arch, dict(VERSION="v1", **spec)
             for spec in paged_v2_specializations(arch):
                 yield "paged", arch, dict(VERSION="v2", **spec)
+            for spec in varlen_v2_specializations(arch):
+                yield "varlen", arch, dict(VERSION="v2", **spec)
         if arch in MQA_ARCHS:
             for spec in mqa_specializations(arch):
                 yield "mqa", arch, spec
@@ -452,7 +470,7 @@ def _compiler(kernel: str, spec: dict):
         if spec["VERSION"].startswith("v2_split"):
             return compile_dense_split
         return compile_dense if spec["VERSION"] == "v2" else compile_score
-    if kernel == "paged" and spec.get("VERSION") == "v2":
+    if kernel in ("paged", "varlen") and spec.get("VERSION") == "v2":
         return compile_paged_v2
     return {"query": compile_query_prep, "paged": compile_batched, "varlen": compile_batched,
             "mqa": compile_mqa}[kernel]

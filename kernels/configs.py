@@ -138,9 +138,22 @@ PAGED_V2_EPILOGUES = {
     (3, 9): {"bf16": ("max",), "fp8": ("max", "other")},
 }
 
+# ... and on varlen rows (132-byte rows: 4-byte loads of 33-word rows, as dense v2): the
+# epilogues it serves spill-free by precision, each with whether the next tile is prefetched.
+# Measured with kernels.aot (spill bytes with / without the prefetch; max, then mean+logits):
+# 3.6.0 bf16 32/0 and 56/32, fp8 0/0 and 16/16; 3.7.1 bf16 32/8 and 80/40, fp8 0/0 and 24/16;
+# 3.8.0 bf16 0/0 and 8/0, fp8 0/0 and 0/0; 3.9.0 bf16 72/40 and 32/32, fp8 48/48 and 56/48
+# (none served: varlen stays on v1 there).
+VARLEN_V2_EPILOGUES = {
+    (3, 6): {"bf16": {"max": False}, "fp8": {"max": True}},
+    (3, 7): {"bf16": {}, "fp8": {"max": True}},
+    (3, 8): {"bf16": {"max": True, "other": False}, "fp8": {"max": True, "other": True}},
+    (3, 9): {"bf16": {}, "fp8": {}},
+}
+
 TABLES = (V1_SM90_BLOCK_N, V1_SM8X_WARPS, PAGED_SM90_BF16_BLOCK_H, PAGED_SM8X_BLOCK_N,
           DENSE_V2_PREFETCH, DENSE_V2_HEAD_SUM_CHAIN, DENSE_V2_BF16_EPILOGUES, MQA_SM80,
-          PAGED_V2_EPILOGUES)
+          PAGED_V2_EPILOGUES, VARLEN_V2_EPILOGUES)
 
 
 def pick(table: dict, version: tuple[int, int] | None = None):

@@ -133,6 +133,12 @@ def test_paged_v2_table():
         assert serves("fp8", True, True, version) and serves("fp8", True, False, version)
         assert not serves("tf32", False, False, version)
     assert paged_v2_launch_config((9, 0)) == dict(num_warps=8, num_stages=1, PREFETCH=True)
+    # varlen rows: served where spill-free, with or without the prefetch; not at all on 3.9
+    assert serves("bf16", False, False, old, paged=False)
+    assert not paged_v2_launch_config((9, 0), False, "bf16", "max", old)["PREFETCH"]
+    assert paged_v2_launch_config((9, 0), False, "fp8", "max", old)["PREFETCH"]
+    assert not serves("bf16", False, False, new, paged=False)
+    assert not serves("fp8", False, False, new, paged=False)
 
 
 # --- SASS tile counting --------------------------------------------------------------------------

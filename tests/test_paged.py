@@ -681,15 +681,56 @@ def test_paged_v1_still_selectable_and_v2_scope(device):
     with pytest.raises(ValueError, match="kernel must be"):
         _v2_launch(prep, keys, n_chunks, table, M, kernel="v3")
     vb = P.pack_varlen(reqs)
-    vkeys = P.varlen_buffers(vb.keys.to(device))
+    vkeys = P.varlen_buffers([vb.keys.to(device)] * L)  # per-layer varlen buffers
     with pytest.raises(ValueError, match="paged v2 takes one shared pool"):
         batched_score_launch(prep.q, prep.w, vkeys, vb.cu_chunks.to(device), None,
                              max_chunks=M, precision="bf16", hw_fp8=False, kernel="v2")
     layered = P.page_pools([pool.to(device)] * L)
     with pytest.raises(ValueError, match="paged v2 takes one shared pool"):
         _v2_launch(prep, layered, n_chunks, table, M)
+    with pytest.raises(ValueError, match="paged v2 takes one shared pool"):  # table: pages
+        _v2_launch(prep, P.varlen_buffers(vb.keys.to(device)), n_chunks, table, M)
     assert not paged_v2.uses_v2(layered, True, "bf16", "max", False, device)
     assert not paged_v2.uses_v2(vkeys, False, "bf16", "max", False, device)
     assert not paged_v2.uses_v2(keys, True, "tf32", "max", False, device)
+    shared_rows = P.varlen_buffers(vb.keys.to(device))
+    assert paged_v2.uses_v2(shared_rows, False, "fp8", "max", False, device) == (
+        device.type != "cuda" or paged_v2.serves("fp8", False, False, paged=False))
     assert paged_v2.uses_v2(keys, True, "fp8", "max", False, device) == (
         device.type != "cuda" or paged_v2.serves("fp8", False, False))
+
+
+@pytest.mark.parametrize("precision,prefetch,programs", [("bf16", True, 2), ("fp8", False, 5)])
+def test_varlen_v2_matches_reference_and_reads_nothing_past_the_buffer(precision, prefetch,
+                                                                        programs, device,
+                                                                        monkeypatch):
+    """v2 on varlen rows (one shared buffer): both ensembles and loop variants against the
+    float64 reference (FP32_RTOL, as above), program slices cutting requests anywhere; then,
+    without host validation, a last request running 100 rows past the buffer: those rows score
+    NaN (never read), every other chunk is unchanged."""
+    from flashmemory_triton.kernels import paged_v2
+    monkeypatch.setattr(paged_v2, "INTERPRETER_PROGRAMS", programs)
+    gen = _gen(110 + programs)
+    L, H = 3, 16
+    reqs = _requests(V2_LENGTHS, gen)
+    prep = _prepared(L, len(reqs), H, gen, device, precision)
+    vb = P.pack_varlen(reqs)
+    keys = P.varlen_buffers(vb.keys.to(device))
+    cu = vb.cu_chunks.to(device)
+    M = max(V2_LENGTHS) + 3
+    n_chunks = cu.diff().cpu()
+    for ensemble in ("max", "mean"):
+        scores, logits = paged_v2.paged_v2_launch(
+            prep.q, prep.w, keys, cu, None, max_chunks=M, precision=precision, hw_fp8=False,
+            ensemble=ensemble, logit_offset=0.5, return_logits=True, prefetch=prefetch)
+        _check_batch(P.BatchScores(scores, logits, n_chunks), prep, reqs, ensemble, FP32_RTOL,
+                     f"varlen v2 {precision} {ensemble} prefetch={prefetch} P={programs}", 0.5)
+    over = cu.clone()
+    over[-1] += 100  # the last request (empty) now claims 100 rows past the buffer's end
+    s2, g2 = paged_v2.paged_v2_launch(prep.q, prep.w, keys, over, None, max_chunks=M + 100,
+                                      precision=precision, hw_fp8=False, return_logits=True,
+                                      prefetch=prefetch)
+    g2 = g2.cpu()
+    assert bool(torch.isnan(g2[:, -1, :100]).all())
+    assert bool((g2[:, -1, 100:] == float("-inf")).all())
+    assert torch.equal(g2[:, :-1, :M].isnan(), logits.cpu()[:, :-1].isnan())
