@@ -140,10 +140,10 @@ PAGED_V2_EPILOGUES = {
 
 # ... and on varlen rows (132-byte rows: 4-byte loads of 33-word rows, as dense v2): the
 # epilogues it serves spill-free by precision, each with whether the next tile is prefetched.
-# Measured with kernels.aot (spill bytes with / without the prefetch; max, then mean+logits):
-# 3.6.0 bf16 32/0 and 56/32, fp8 0/0 and 16/16; 3.7.1 bf16 32/8 and 80/40, fp8 0/0 and 24/16;
-# 3.8.0 bf16 0/0 and 8/0, fp8 0/0 and 0/0; 3.9.0 bf16 72/40 and 32/32, fp8 48/48 and 56/48
-# (none served: varlen stays on v1 there).
+# Measured with kernels.aot and the packed bf16 decoder (spill bytes with / without the
+# prefetch; max, then mean+logits): 3.6.0 bf16 32/0 and 56/32, fp8 0/0 and 16/16; 3.7.1 bf16
+# 32/8 and 80/40, fp8 0/0 and 24/16; 3.8.0 bf16 0/0 and 8/0, fp8 0/0 and 0/0; 3.9.0 bf16 72/40
+# and 32/32, fp8 48/48 and 56/48 (none served: varlen stays on v1 there).
 VARLEN_V2_EPILOGUES = {
     (3, 6): {"bf16": {"max": False}, "fp8": {"max": True}},
     (3, 7): {"bf16": {}, "fp8": {"max": True}},
