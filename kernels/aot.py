@@ -121,6 +121,12 @@ def compile_score(arch: str, *, PRECISION: str, SHARED_KEYS: bool, ENSEMBLE_MEAN
     return out
 
 
+def _asm_choices(precision: str) -> tuple[bool, ...]:
+    """bf16 builds with the interpretable decoder (the default launch) and with the opt-in
+    PTX decoder (``numerics.BF16_ASM_ENV``); fp8 has one decoder."""
+    return (False, True) if precision == "bf16" else (False,)
+
+
 def dense_specializations(arch: str):
     """The v2 dense scorer (``kernels.dense``, sm_90 only: before Hopper the launcher keeps v1):
     shared keys, bf16 and fp8, the max ensemble (the headline) and the mean ensemble with
@@ -131,12 +137,13 @@ def dense_specializations(arch: str):
     for precision in ("bf16", "fp8"):
         for mean, logits in ((False, False), (True, True)):
             if serves(precision, mean, logits):  # what the launcher runs on v2
-                yield dict(PRECISION=precision, ENSEMBLE_MEAN=mean, WRITE_LOGITS=logits,
-                           HW_FP8=True)
+                for asm in _asm_choices(precision):
+                    yield dict(PRECISION=precision, ENSEMBLE_MEAN=mean, WRITE_LOGITS=logits,
+                               HW_FP8=True, BF16_ASM=asm)
 
 
 def compile_dense(arch: str, *, PRECISION: str, ENSEMBLE_MEAN: bool, WRITE_LOGITS: bool,
-                  HW_FP8: bool, L: int = 3, H_PAD: int = 128,
+                  HW_FP8: bool, BF16_ASM: bool = False, L: int = 3, H_PAD: int = 128,
                   ROW_WORDS: int = C.CHUNK_BYTES // 4, **config):
     """Compile one specialization of ``dense.dense_score_kernel`` with its launcher's GPU
     parameters (``dense_launch_config``) or ``config`` overrides. Pointers 16-byte aligned
@@ -151,7 +158,7 @@ def compile_dense(arch: str, *, PRECISION: str, ENSEMBLE_MEAN: bool, WRITE_LOGIT
     constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"], ROW_WORDS=ROW_WORDS,
                       PRECISION=PRECISION, HW_FP8=HW_FP8, ENSEMBLE_MEAN=ENSEMBLE_MEAN,
                       WRITE_LOGITS=WRITE_LOGITS, BF16_DOT_VIA_F32=False,
-                      PREFETCH=cfg["PREFETCH"], BF16_ASM=True)
+                      PREFETCH=cfg["PREFETCH"], BF16_ASM=BF16_ASM)
     for name in constexprs:
         signature[name] = "constexpr"
     aligned = [name for name, ty in signature.items() if ty.startswith("*")]
@@ -171,12 +178,14 @@ def dense_split_specializations(arch: str):
     for mode in MODES[1:]:
         for precision in ("bf16", "fp8"):
             for mean, logits in ((False, False), (True, True)):
-                yield dict(SPLIT=mode, PRECISION=precision, ENSEMBLE_MEAN=mean,
-                           WRITE_LOGITS=logits, HW_FP8=True)
+                for asm in _asm_choices(precision):
+                    yield dict(SPLIT=mode, PRECISION=precision, ENSEMBLE_MEAN=mean,
+                               WRITE_LOGITS=logits, HW_FP8=True, BF16_ASM=asm)
 
 
 def compile_dense_split(arch: str, *, SPLIT: str, PRECISION: str, ENSEMBLE_MEAN: bool,
-                        WRITE_LOGITS: bool, HW_FP8: bool, L: int = 3, H_PAD: int = 128,
+                        WRITE_LOGITS: bool, HW_FP8: bool, BF16_ASM: bool = False, L: int = 3,
+                        H_PAD: int = 128,
                         ROW_WORDS: int = C.CHUNK_BYTES // 4, **config):
     """Compile one specialization of ``dense_split.dense_split_kernel`` with its launcher's
     GPU parameters (the fused kernel's tile, ``dense_split.WARPS``) or ``config`` overrides.
@@ -194,7 +203,7 @@ def compile_dense_split(arch: str, *, SPLIT: str, PRECISION: str, ENSEMBLE_MEAN:
     }
     constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_N=cfg["BLOCK_N"], ROW_WORDS=ROW_WORDS,
                       PRECISION=PRECISION, HW_FP8=HW_FP8, ENSEMBLE_MEAN=ENSEMBLE_MEAN,
-                      WRITE_LOGITS=WRITE_LOGITS, BF16_DOT_VIA_F32=False, BF16_ASM=True,
+                      WRITE_LOGITS=WRITE_LOGITS, BF16_DOT_VIA_F32=False, BF16_ASM=BF16_ASM,
                       SPLIT_HEADS=SPLIT == "heads")
     for name in constexprs:
         signature[name] = "constexpr"
@@ -285,8 +294,10 @@ def paged_v2_specializations(arch: str):
     for precision in ("bf16", "fp8"):
         for mean, logits in ((False, False), (True, True)):
             if serves(precision, mean, logits):  # what the launcher runs on v2
-                yield dict(PAGED=True, PRECISION=precision, SHARED_KEYS=True,
-                           ENSEMBLE_MEAN=mean, WRITE_LOGITS=logits, HW_FP8=True, INDEX="i32")
+                for asm in _asm_choices(precision):
+                    yield dict(PAGED=True, PRECISION=precision, SHARED_KEYS=True,
+                               ENSEMBLE_MEAN=mean, WRITE_LOGITS=logits, HW_FP8=True,
+                               INDEX="i32", BF16_ASM=asm)
     yield dict(PAGED=True, PRECISION="fp8", SHARED_KEYS=True, ENSEMBLE_MEAN=False,
                WRITE_LOGITS=False, HW_FP8=True, INDEX="i64")
 
@@ -300,12 +311,15 @@ def varlen_v2_specializations(arch: str):
     for precision in ("bf16", "fp8"):
         for mean, logits in ((False, False), (True, True)):
             if serves(precision, mean, logits, paged=False):
-                yield dict(PAGED=False, PRECISION=precision, SHARED_KEYS=True,
-                           ENSEMBLE_MEAN=mean, WRITE_LOGITS=logits, HW_FP8=True, INDEX="i64")
+                for asm in _asm_choices(precision):
+                    yield dict(PAGED=False, PRECISION=precision, SHARED_KEYS=True,
+                               ENSEMBLE_MEAN=mean, WRITE_LOGITS=logits, HW_FP8=True,
+                               INDEX="i64", BF16_ASM=asm)
 
 
 def compile_paged_v2(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: bool,
                      ENSEMBLE_MEAN: bool, WRITE_LOGITS: bool, HW_FP8: bool, INDEX: str = "i32",
+                     BF16_ASM: bool = False,
                      L: int = 3, H_PAD: int = 128, BLOCK_B: int | None = None, **config):
     """Compile one specialization of ``paged_v2.paged_v2_kernel`` with its launcher's GPU
     parameters (``paged_v2_launch_config``) or ``config`` overrides. Pointers 16-byte aligned
@@ -330,7 +344,7 @@ def compile_paged_v2(arch: str, *, PAGED: bool, PRECISION: str, SHARED_KEYS: boo
     constexprs = dict(L=L, D=C.HEAD_DIM, H_PAD=H_PAD, BLOCK_B=BLOCK_B or MAX_ROWS,
                       FILL_N=FILL_N, PRECISION=PRECISION, HW_FP8=HW_FP8,
                       ENSEMBLE_MEAN=ENSEMBLE_MEAN, WRITE_LOGITS=WRITE_LOGITS,
-                      BF16_DOT_VIA_F32=False, PREFETCH=cfg["PREFETCH"], BF16_ASM=True,
+                      BF16_DOT_VIA_F32=False, PREFETCH=cfg["PREFETCH"], BF16_ASM=BF16_ASM,
                       PAGED=PAGED)
     for name in constexprs:
         signature[name] = "constexpr"
@@ -570,7 +584,8 @@ def format_report(records: list[dict]) -> str:
                                                            else "max")
         tile = f"{r['block_n']}x{r['block_h']}" if r["block_n"] else f"q x{r['block_h']}"
         rows.append((r["kernel"], _fmt(r["version"]), r["target"], r["precision"],
-                     _fmt(r["keys"]), ens if r["keys"] else "-", r["specialization"], tile,
+                     _fmt(r["keys"]), ens if r["keys"] else "-",
+                     r["specialization"] + ("+asm" if r.get("BF16_ASM") else ""), tile,
                      _fmt(r["warps"]), _fmt(r["regs"]), _fmt(r["spill_bytes"]),
                      _fmt(r["smem_bytes"]), _fmt(r["ctas_per_sm"]),
                      _fmt(r["loop_instructions_per_tile"]), _fmt(r["mma_per_tile"]),

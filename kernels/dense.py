@@ -36,7 +36,7 @@ from flashmemory_triton.utils import _device
 
 from . import configs
 from ._alloc import alloc_output
-from .numerics import BF16X2_TWO_POW_120, e4m3_bits_to_f32, e4m3_words_to_bf16
+from .numerics import BF16X2_TWO_POW_120, bf16_asm_enabled, e4m3_bits_to_f32, e4m3_words_to_bf16
 from .score import _ensemble_add, _ensemble_init, key_views
 
 _MAX_KEY_SCALE = tl.constexpr(C.MAX_KEY_SCALE)  # scales past it overflow on dequant: NaN chunk
@@ -426,5 +426,5 @@ def dense_score_launch(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Ten
         logits if logits is not None else scores, B, N, H, stride_kb, stride_kn,
         float(logit_offset), L=L, D=D, H_PAD=H_pad, ROW_WORDS=row_words, PRECISION=precision,
         HW_FP8=bool(hw_fp8), ENSEMBLE_MEAN=ensemble == "mean", WRITE_LOGITS=return_logits,
-        BF16_DOT_VIA_F32=not on_gpu, BF16_ASM=on_gpu, **cfg)
+        BF16_DOT_VIA_F32=not on_gpu, BF16_ASM=bf16_asm_enabled(device), **cfg)
     return scores, logits

@@ -68,6 +68,7 @@ from .dense import (
     _tile_operand,
     dense_launch_config,
 )
+from .numerics import bf16_asm_enabled
 from .score import _ensemble_add, _ensemble_init, key_views
 
 MODES = ("fused", "layers", "heads")  # the fused v2 kernel; units per tile: L, or 2 L
@@ -332,6 +333,6 @@ def dense_split_launch(q: torch.Tensor, w: torch.Tensor, compressed_k: torch.Ten
         B, N, H, stride_kb, stride_kn, float(logit_offset), L=L, D=D, H_PAD=H_pad,
         BLOCK_N=block_n, ROW_WORDS=row_words, PRECISION=precision, HW_FP8=bool(hw_fp8),
         ENSEMBLE_MEAN=ensemble == "mean", WRITE_LOGITS=return_logits,
-        BF16_DOT_VIA_F32=not on_gpu, BF16_ASM=on_gpu, SPLIT_HEADS=heads,
+        BF16_DOT_VIA_F32=not on_gpu, BF16_ASM=bf16_asm_enabled(device), SPLIT_HEADS=heads,
         num_warps=WARPS[mode] if on_gpu else 4, num_stages=1)
     return scores, logits

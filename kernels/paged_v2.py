@@ -49,6 +49,7 @@ from flashmemory_triton.utils import _device
 from . import configs
 from ._alloc import alloc_output
 from .dense import _load_tile, _prepare_q, _score_tile
+from .numerics import bf16_asm_enabled
 
 _PAGE_CHUNKS = tl.constexpr(C.PAGE_CHUNKS)
 
@@ -406,6 +407,6 @@ def paged_v2_launch(q: torch.Tensor, w: torch.Tensor, keys, lengths: torch.Tenso
             float(logit_offset), L=L, D=D, H_PAD=H_pad,
             BLOCK_B=max(16, triton.next_power_of_2(nb)), FILL_N=FILL_N, PRECISION=precision,
             HW_FP8=bool(hw_fp8), ENSEMBLE_MEAN=ensemble == "mean", WRITE_LOGITS=return_logits,
-            BF16_DOT_VIA_F32=device.type != "cuda", BF16_ASM=device.type == "cuda", PAGED=paged,
-            **cfg)
+            BF16_DOT_VIA_F32=device.type != "cuda", BF16_ASM=bf16_asm_enabled(device),
+            PAGED=paged, **cfg)
     return scores, logits

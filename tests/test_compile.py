@@ -222,14 +222,21 @@ V2_MIN_ISSUE_BOUND = {"bf16": 0.90, "fp8": 0.75}
 # operand's shared-memory trip, design §12). The ceilings are what the design holds today, so a
 # regression fails (the first v2: bf16 0.62 / 0.67, fp8 0.44 / 0.49 with 3.6.0 / 3.9.0).
 V2_MAX_INSTRUCTION_RATIO = {"bf16": 0.58, "fp8": 0.45}
+# The default bf16 build (the interpretable decoder compiled for sm_90; the PTX decoder is
+# opt-in until a GPU run has checked it, numerics.BF16_ASM_ENV): 0.636 with 3.6.0 (647
+# instructions a tile), 0.633 with 3.9.0 (676); the ceiling is that level.
+V2_MAX_INSTRUCTION_RATIO_DEFAULT_BF16 = 0.64
+
+V2_BUILDS = [pytest.param("bf16", True, id="bf16-asm"), pytest.param("bf16", False, id="bf16"),
+             pytest.param("fp8", False, id="fp8")]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_v2_dense_promises(compiled, precision):
+@pytest.mark.parametrize("precision, asm", V2_BUILDS)
+def test_v2_dense_promises(compiled, precision, asm):
     (r,) = _pick(compiled, kernel="dense", version="v2", target="sm_90", precision=precision,
-                 ENSEMBLE_MEAN=False)
+                 ENSEMBLE_MEAN=False, BF16_ASM=asm)
     assert r["persistent"] and r["spill_bytes"] == 0
-    if precision == "bf16":  # keys decoded by the packed integer decoder, no e4m3 conversion
+    if asm:  # keys decoded by the packed integer decoder, no e4m3 conversion
         assert r["ptx"]["mul_bf16x2"] and not r["ptx"]["cvt_e4m3"], r["ptx"]
     key_loads = (r["block_n"] * C.HEAD_DIM // 4) / (32 * r["warps"]) + r["block_n"] / r["warps"]
     assert r["loop_global_loads_per_tile"] <= key_loads, (
@@ -241,7 +248,9 @@ def test_v2_dense_promises(compiled, precision):
                   specialization="headline")
     per_flop = {x["version"]: x["issue_cycles"] / x["flops_per_tile"] for x in (r, v1)}
     ratio = per_flop["v2"] / per_flop["v1"]
-    assert ratio <= V2_MAX_INSTRUCTION_RATIO[precision], (
+    most = (V2_MAX_INSTRUCTION_RATIO_DEFAULT_BF16 if precision == "bf16" and not asm
+            else V2_MAX_INSTRUCTION_RATIO[precision])
+    assert ratio <= most, (
         f"{r['loop_instructions_per_tile']} instructions a {r['block_n']}-chunk tile: {ratio:.3f}"
         f" of v1's {v1['loop_instructions_per_tile']} a {v1['block_n']}-chunk tile")
 
@@ -258,7 +267,7 @@ def test_dense_split_compiles(compiled, precision):
     assert {(r["SPLIT"], r["ENSEMBLE_MEAN"], r["WRITE_LOGITS"]) for r in found} == {
         (s, m, m) for s in ("layers", "heads") for m in (False, True)}
     for r in found:
-        tag = f"split/{r['SPLIT']}/{precision}/mean={r['ENSEMBLE_MEAN']}"
+        tag = f"split/{r['SPLIT']}/{precision}/mean={r['ENSEMBLE_MEAN']}/asm={r['BF16_ASM']}"
         _check_dot_and_resources(r, "sm_90", precision, tag)
         assert not r["persistent"] and r["mma_flops_per_tile"] == r["flops_per_tile"], tag
         heads = C.HEAD_DIM // 2 if r["SPLIT"] == "heads" else C.HEAD_DIM  # H_PAD = 128
@@ -285,13 +294,20 @@ PAGED_V2_MAX_INSTRUCTION_RATIO = {
     (3, 8): {"bf16": 0.50, "fp8": 0.50}, (3, 9): {"bf16": 0.50, "fp8": 0.50}}
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_v2_paged_promises(compiled, precision):
+# The default bf16 build's (without the opt-in PTX decoder): 0.518 with 3.6.0 (605 instructions
+# a page), 0.497 with 3.9.0 (647); 3.7 and 3.8 not measured for this build (their ceiling is
+# left loose; CI compiles 3.6 and 3.9).
+PAGED_V2_MAX_INSTRUCTION_RATIO_DEFAULT_BF16 = {(3, 6): 0.52, (3, 7): 0.55, (3, 8): 0.55,
+                                               (3, 9): 0.50}
+
+
+@pytest.mark.parametrize("precision, asm", V2_BUILDS)
+def test_v2_paged_promises(compiled, precision, asm):
     from flashmemory_triton.kernels.paged_v2 import serves
     if not serves(precision, False, False):
         pytest.skip(f"paged v2 does not serve {precision} with this Triton: v1 runs")
     (r,) = _pick(compiled, kernel="paged", version="v2", target="sm_90", precision=precision,
-                 ENSEMBLE_MEAN=False, WRITE_LOGITS=False, INDEX="i32")
+                 ENSEMBLE_MEAN=False, WRITE_LOGITS=False, INDEX="i32", BF16_ASM=asm)
     assert r["persistent"] and r["keys"] == "shared" and r["spill_bytes"] == 0
     threads = 32 * r["warps"]
     # a page's key words in 16-byte loads, its 64 scales, the page id after the next one
@@ -305,7 +321,9 @@ def test_v2_paged_promises(compiled, precision):
     per_chunk = {x["version"]: x["loop_instructions_per_tile"] * x["warps"] / x["block_n"]
                  for x in (r, v1)}
     from flashmemory_triton.kernels import configs
-    most = configs.pick(PAGED_V2_MAX_INSTRUCTION_RATIO)[precision]
+    most = (configs.pick(PAGED_V2_MAX_INSTRUCTION_RATIO_DEFAULT_BF16)
+            if precision == "bf16" and not asm
+            else configs.pick(PAGED_V2_MAX_INSTRUCTION_RATIO)[precision])
     assert per_chunk["v2"] <= most * per_chunk["v1"], (per_chunk, most)
 
 

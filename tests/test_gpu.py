@@ -83,3 +83,52 @@ def test_full_size_no_extra_memory(full_model, full_inputs, device):
     # projections: [B, L*(R+H)] + q_lora + q [L,B,H,D] twice (raw and prepared) + w: < 2 MB
     assert extra <= outputs + 2 * 2 ** 20, (
         f"extra device memory {extra} B for {outputs} B of output")
+
+
+# --- the opt-in PTX e4m3 -> bf16 decoder (kernels/numerics.py, FLASHMEMORY_BF16_ASM) ------------
+# Both decoders give every e4m3 byte its exact bf16 value in the same column order (the PTX one
+# negates through its multiplier where the other flips sign bits: the same values), so the
+# scores and logits must be the same bits. The keys are random e4m3 (randn * 0.5: about 2.5% of
+# bytes subnormal, the case a flush-to-zero would break) with negative and zero scales.
+def _same_bits(a: torch.Tensor, b: torch.Tensor, name: str):
+    assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN positions differ"
+    assert torch.equal(a.nan_to_num(), b.nan_to_num()), (
+        f"{name}: PTX decoder differs from the default, max |diff| "
+        f"{(a.nan_to_num() - b.nan_to_num()).abs().max().item():.3e}")
+
+
+def _with_and_without_ptx(monkeypatch, call):
+    from flashmemory_triton.kernels.numerics import BF16_ASM_ENV
+    monkeypatch.setenv(BF16_ASM_ENV, "0")
+    default = call()
+    monkeypatch.setenv(BF16_ASM_ENV, "1")
+    return default, call()
+
+
+@pytest.mark.parametrize("n", [4096, 65536])  # the split launch on an H100/H200, the fused one
+def test_bf16_ptx_decoder_dense_same_bits(full_model, device, monkeypatch, n):
+    from kernel_cases import make_keys
+    states, _ = full_model
+    gen = torch.Generator().manual_seed(n)
+    hidden = synthetic.mock_hidden(2, generator=gen).to(device)
+    keys = make_keys((2, n), gen).to(device)
+    pos = torch.tensor([4 * n - 1, 77], device=device)
+    model = FlashMemoryRetriever(states, device=device, backend="triton", precision="bf16",
+                                 max_position=C.MAX_POSITION_SERVING)
+    a, b = _with_and_without_ptx(monkeypatch, lambda: model.logits(hidden, keys, pos))
+    _same_bits(a, b, f"dense N={n} logits")
+    a, b = _with_and_without_ptx(monkeypatch, lambda: model.ensemble(hidden, keys, pos))
+    _same_bits(a, b, f"dense N={n} scores")
+
+
+def test_bf16_ptx_decoder_paged_same_bits(device, monkeypatch):
+    from flashmemory_triton import paged as P
+    from test_paged import LENGTHS, _gen, _paged, _prepared, _requests
+    gen = _gen(5)
+    reqs = _requests(LENGTHS, gen)
+    prep = _prepared(3, len(LENGTHS), 128, gen, device, "bf16")
+    pool, table, n_chunks, _ = _paged(reqs, gen)
+    pool, table, n_chunks = pool.to(device), table.to(device), n_chunks.to(device)
+    a, b = _with_and_without_ptx(
+        monkeypatch, lambda: P.score_paged(prep, pool, table, n_chunks).scores)
+    _same_bits(a, b, "paged scores")
