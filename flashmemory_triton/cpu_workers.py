@@ -85,8 +85,20 @@ def run_items(work: Callable[[int, dict], None], n_items: int,
     next_item = iter(range(n_items))
     take = threading.Lock()
     failed = threading.Event()
+    # torch's autograd, inference and autocast modes are per thread: the workers run under the
+    # caller's (outputs made in the caller's inference mode are inference tensors, which only
+    # inference mode may write; q made with grad enabled must not record a graph in a worker).
+    inference = torch.is_inference_mode_enabled()
+    grad = torch.is_grad_enabled()
+    autocast = torch.is_autocast_enabled("cpu")
+    autocast_dtype = torch.get_autocast_dtype("cpu")
 
     def drain():
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
+            _drain()
+
+    def _drain():
         state: dict = {}
         while not failed.is_set():
             with take:

@@ -80,3 +80,38 @@ def test_pool_works_in_a_forked_child():
         p.kill()
     assert not alive, "run_items hung in a forked child (the parent's dead pool reused)"
     assert queue.get(timeout=5) == list(range(6))
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad", "grad"])
+def test_workers_run_in_the_callers_autograd_mode(mode):
+    """Grad and inference mode are per thread: a caller in inference mode gets inference-tensor
+    outputs that only inference mode may write (the demo's call failed so), and a worker must
+    not record a graph the caller did not ask for."""
+    ctx = {"inference": torch.inference_mode, "no_grad": torch.no_grad,
+           "grad": torch.enable_grad}[mode]
+    seen = []
+    with ctx():
+        out = torch.zeros(6)
+
+        def work(i, state):
+            out[i] = i  # an inference tensor under inference_mode: writable only there
+            seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+
+        cpu_workers.run_items(work, 6, 2)
+    assert out.tolist() == list(range(6))
+    assert set(seen) == {(mode == "inference", mode == "grad")}
+
+
+def test_cpu_scorer_under_inference_mode_on_workers():
+    """The CPU path called as the demo calls it: several blocks, on the workers, inside
+    torch.inference_mode(), logits requested."""
+    from flashmemory_triton import cpu_path
+    from kernel_cases import make_keys
+    g = torch.Generator().manual_seed(0)
+    q, w = torch.randn(3, 2, 4, 128, generator=g), torch.randn(3, 2, 4, generator=g)
+    keys = make_keys((2, 300), g)
+    want = cpu_path.score_prepared_cpu(q, w, keys, return_logits=True, block_chunks=64)
+    with torch.inference_mode():
+        got = cpu_path.score_prepared_cpu(q, w, keys, return_logits=True, block_chunks=64)
+    for a, b in zip(got, want):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
